@@ -1,0 +1,129 @@
+"""Rows → token ids with the loss on response tokens only, and batches of them.
+
+A row's prompt is rendered with the tokenizer's chat template when it has one (the generation
+prompt included, so the response starts where the assistant speaks), else as
+``PLAIN_PROMPT.format(prompt=...)`` after the BOS token. The response ends with the template's
+end of turn, or EOS. Labels are the input ids with every prompt and padding position set to
+``IGNORE_INDEX``; the model's shift (position t predicts t+1) is applied by the losses.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+from transformers import PreTrainedTokenizerBase
+
+from lmdistill.data.rows import DataError
+
+IGNORE_INDEX = -100
+PLAIN_PROMPT = "{prompt}\n"
+
+
+@dataclass
+class Encoded:
+    """One tokenised row: `input_ids` = prompt + response; `n_prompt` leading ids are not trained on."""
+
+    input_ids: list[int]
+    n_prompt: int
+    id: str
+
+    @property
+    def labels(self) -> list[int]:
+        return [IGNORE_INDEX] * self.n_prompt + self.input_ids[self.n_prompt :]
+
+
+def render_prompt(tokenizer: PreTrainedTokenizerBase, prompt: str, system_prompt: str | None = None) -> str:
+    """The prompt text as the model sees it, up to where the response begins."""
+    if getattr(tokenizer, "chat_template", None):
+        messages = ([{"role": "system", "content": system_prompt}] if system_prompt else []) + [
+            {"role": "user", "content": prompt}
+        ]
+        return tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    return (tokenizer.bos_token or "") + PLAIN_PROMPT.format(prompt=prompt)
+
+
+def render_response(
+    tokenizer: PreTrainedTokenizerBase, prompt: str, response: str, system_prompt: str | None = None
+) -> str:
+    """The response text including its end-of-turn marker."""
+    if getattr(tokenizer, "chat_template", None):
+        head = render_prompt(tokenizer, prompt, system_prompt)
+        messages = ([{"role": "system", "content": system_prompt}] if system_prompt else []) + [
+            {"role": "user", "content": prompt},
+            {"role": "assistant", "content": response},
+        ]
+        full = tokenizer.apply_chat_template(messages, tokenize=False)
+        if not full.startswith(head):
+            raise DataError("the tokenizer's chat template does not render the prompt as a prefix of the dialogue")
+        return full[len(head) :]
+    return response + (tokenizer.eos_token or "")
+
+
+def encode_row(
+    tokenizer: PreTrainedTokenizerBase,
+    row: dict,
+    *,
+    max_length: int,
+    truncation: str = "response",
+    system_prompt: str | None = None,
+) -> Encoded:
+    """Tokenise one row. Over-long: `truncation="response"` cuts the response's end, `"error"` raises."""
+    where = row.get("_where", row.get("id", "?"))
+    prompt_ids = tokenizer(render_prompt(tokenizer, row["prompt"], system_prompt), add_special_tokens=False)[
+        "input_ids"
+    ]
+    response_ids = tokenizer(
+        render_response(tokenizer, row["prompt"], row["response"], system_prompt), add_special_tokens=False
+    )["input_ids"]
+    if len(prompt_ids) >= max_length:
+        raise DataError(
+            f"{where}: field 'prompt' is {len(prompt_ids)} tokens, over data.max_length={max_length} "
+            "(no room left for the response)"
+        )
+    if len(prompt_ids) + len(response_ids) > max_length:
+        if truncation == "error":
+            raise DataError(
+                f"{where}: field 'response' makes the row {len(prompt_ids) + len(response_ids)} tokens, "
+                f"over data.max_length={max_length} (set data.truncation=response to cut it)"
+            )
+        response_ids = response_ids[: max_length - len(prompt_ids)]
+    return Encoded(input_ids=prompt_ids + response_ids, n_prompt=len(prompt_ids), id=str(row.get("id", "")))
+
+
+def encode_rows(tokenizer: PreTrainedTokenizerBase, rows: Sequence[dict], **kwargs) -> list[Encoded]:
+    """Tokenise every row (see :func:`encode_row`)."""
+    return [encode_row(tokenizer, r, **kwargs) for r in rows]
+
+
+def collate(examples: Sequence[Encoded], pad_id: int) -> dict[str, torch.Tensor]:
+    """Right-padded batch: input_ids, attention_mask, labels, each (B, T)."""
+    T = max(len(e.input_ids) for e in examples)
+    B = len(examples)
+    input_ids = torch.full((B, T), pad_id, dtype=torch.long)
+    labels = torch.full((B, T), IGNORE_INDEX, dtype=torch.long)
+    attention_mask = torch.zeros((B, T), dtype=torch.long)
+    for i, e in enumerate(examples):
+        n = len(e.input_ids)
+        input_ids[i, :n] = torch.tensor(e.input_ids)
+        labels[i, :n] = torch.tensor(e.labels)
+        attention_mask[i, :n] = 1
+    return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
+
+
+def collate_prompts(prompt_ids: Sequence[Sequence[int]], pad_id: int) -> dict[str, torch.Tensor]:
+    """Left-padded prompts for generation: input_ids, attention_mask (B, T)."""
+    T = max(len(p) for p in prompt_ids)
+    B = len(prompt_ids)
+    input_ids = torch.full((B, T), pad_id, dtype=torch.long)
+    attention_mask = torch.zeros((B, T), dtype=torch.long)
+    for i, p in enumerate(prompt_ids):
+        input_ids[i, T - len(p) :] = torch.tensor(list(p))
+        attention_mask[i, T - len(p) :] = 1
+    return {"input_ids": input_ids, "attention_mask": attention_mask}
+
+
+def response_token_count(labels: torch.Tensor) -> int:
+    """Number of trained tokens in a batch: label positions 1.. that are not ignored (after the shift)."""
+    return int((labels[:, 1:] != IGNORE_INDEX).sum())

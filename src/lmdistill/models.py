@@ -1,0 +1,151 @@
+"""The one place that loads models and tokenizers.
+
+A model comes from a local Hugging Face directory, a GGUF file (through transformers'
+``gguf_file=``), or is built new from Llama sizes. Nothing is ever fetched from a hub: loading
+runs with ``local_files_only=True``.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import torch
+from transformers import (
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    LlamaConfig,
+    LlamaForCausalLM,
+    PreTrainedModel,
+    PreTrainedTokenizerFast,
+)
+
+from lmdistill.config import ModelConfig
+
+CHAR_SPECIALS = ("<pad>", "<bos>", "<eos>", "<unk>")
+# Printable ASCII and newline: everything the math generator writes.
+CHAR_ALPHABET = tuple(chr(i) for i in range(32, 127)) + ("\n",)
+
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def build_char_tokenizer() -> PreTrainedTokenizerFast:
+    """A character-level tokenizer in Hugging Face format: one id per character, no merges.
+
+    Saved with ``save_pretrained`` it loads back with ``AutoTokenizer`` and no lmdistill import,
+    so the rest of the stack never special-cases it.
+    """
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
+
+    vocab = {t: i for i, t in enumerate(CHAR_SPECIALS + CHAR_ALPHABET)}
+    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Split(Regex(r"[\s\S]"), behavior="isolated")
+    tok.decoder = decoders.Fuse()
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok, bos_token="<bos>", eos_token="<eos>", pad_token="<pad>", unk_token="<unk>"
+    )
+
+
+def _gguf_location(spec: ModelConfig) -> tuple[str, str | None]:
+    """(directory, gguf file name or None) for a model spec."""
+    assert spec.path is not None
+    path = Path(spec.path)
+    if spec.gguf_file:
+        return str(path), spec.gguf_file
+    if path.suffix == ".gguf":
+        return str(path.parent), path.name
+    return str(path), None
+
+
+def load_tokenizer(spec: ModelConfig) -> PreTrainedTokenizerFast:
+    """The tokenizer of a model spec: `char`, an explicit directory, or the model's own."""
+    if spec.tokenizer == "char":
+        return build_char_tokenizer()
+    if spec.tokenizer:
+        tok = AutoTokenizer.from_pretrained(spec.tokenizer, local_files_only=True)
+    elif spec.path is None:
+        raise ValueError("student.tokenizer: a model built from sizes needs a tokenizer (`char` or a directory)")
+    else:
+        directory, gguf = _gguf_location(spec)
+        _require_path(spec)
+        kwargs = {"gguf_file": gguf} if gguf else {}
+        tok = AutoTokenizer.from_pretrained(directory, local_files_only=True, **kwargs)
+    if tok.pad_token_id is None:
+        tok.pad_token = tok.eos_token
+    return tok
+
+
+def _require_path(spec: ModelConfig) -> None:
+    directory, gguf = _gguf_location(spec)
+    target = Path(directory) / gguf if gguf else Path(directory)
+    if not target.exists():
+        raise FileNotFoundError(f"model path {target} does not exist (models are only loaded from local files)")
+
+
+def new_model_config(spec: ModelConfig, vocab_size: int, tokenizer: PreTrainedTokenizerFast) -> LlamaConfig:
+    """Llama sizes of a model built from scratch."""
+    inter = spec.intermediate_size or 8 * math.ceil(8 * spec.n_embd / 3 / 8)
+    return LlamaConfig(
+        vocab_size=vocab_size,
+        hidden_size=spec.n_embd,
+        intermediate_size=inter,
+        num_hidden_layers=spec.n_layer,
+        num_attention_heads=spec.n_head,
+        num_key_value_heads=spec.n_head,
+        max_position_embeddings=spec.max_position,
+        tie_word_embeddings=True,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+
+
+def load_model(
+    spec: ModelConfig, tokenizer: PreTrainedTokenizerFast | None = None, *, seed: int = 0
+) -> PreTrainedModel:
+    """Load (or build) the model of a spec, in training mode for new models and eval mode otherwise."""
+    if spec.path is None:
+        tokenizer = tokenizer or load_tokenizer(spec)
+        config = new_model_config(spec, len(tokenizer), tokenizer)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            model = LlamaForCausalLM(config)
+        return model.to(_DTYPES.get(spec.dtype, torch.float32))
+    _require_path(spec)
+    directory, gguf = _gguf_location(spec)
+    kwargs: dict = {"local_files_only": True}
+    if gguf:
+        kwargs["gguf_file"] = gguf
+    kwargs["dtype"] = "auto" if spec.dtype == "auto" else _DTYPES[spec.dtype]
+    model = AutoModelForCausalLM.from_pretrained(directory, **kwargs)
+    return model
+
+
+def count_parameters(model: torch.nn.Module, *, non_embedding: bool = True) -> int:
+    """Parameters of a model; with `non_embedding`, the input embedding is left out (as FLOP counts do)."""
+    total = sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
+    if non_embedding and hasattr(model, "get_input_embeddings"):
+        emb = model.get_input_embeddings()
+        out = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+        if emb is not None and (out is None or out.weight is not emb.weight):
+            total -= emb.weight.numel()
+    return total
+
+
+def save_model(model: PreTrainedModel, tokenizer: PreTrainedTokenizerFast, directory: Path) -> None:
+    """Save as a plain Hugging Face directory (safetensors + config + tokenizer), atomically."""
+    import shutil
+    import tempfile
+
+    from lmdistill.io import atomic_replace_dir
+
+    directory = Path(directory)
+    directory.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=directory.parent, prefix=f".{directory.name}."))
+    try:
+        model.save_pretrained(tmp, safe_serialization=True)
+        tokenizer.save_pretrained(tmp)
+        atomic_replace_dir(tmp, directory)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise

@@ -1,0 +1,336 @@
+"""The one training loop. Every method runs on it; a method supplies sequences and a loss.
+
+Read top to bottom: set-up, resume, then per optimizer step: take the step's global batch, split
+it into accumulation micro-batches and processes, let the method make its sequences, count the
+trained tokens of the whole step (all micro-batches, all processes), back-propagate each
+micro-batch's summed loss divided by that count, clip, step, log, evaluate, checkpoint.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+import shutil
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from accelerate import Accelerator
+from safetensors.torch import load_model as load_weights
+from safetensors.torch import save_model as save_weights
+
+from lmdistill.config import RunConfig, save_config, to_dict
+from lmdistill.data import collate, encode_rows, load_rows
+from lmdistill.data.tokenize import Encoded, response_token_count
+from lmdistill.evaluate import ce_sums
+from lmdistill.io import atomic_replace_dir, atomic_write_json, atomic_write_jsonl
+from lmdistill.methods import FlopCounter, RunContext, make_method
+from lmdistill.models import count_parameters, load_model, load_tokenizer, save_model
+
+
+@dataclass
+class FitResult:
+    """What `fit` leaves behind: the run directory and the last logged numbers."""
+
+    run_dir: Path
+    step: int
+    metrics: dict
+
+
+# --------------------------------------------------------------------------- schedule and data order
+
+
+def lr_lambda(step: int, *, warmup: int, total: int, min_ratio: float) -> float:
+    """Linear warm-up to 1, then cosine decay to `min_ratio` at `total` steps."""
+    if step < warmup:
+        return (step + 1) / warmup
+    progress = min(1.0, (step - warmup) / max(1, total - warmup))
+    return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+def step_rows(step: int, n_rows: int, batch_size: int, seed: int) -> list[int]:
+    """Row indices of optimizer step `step`'s global batch: epochs of seeded permutations, back to back.
+
+    A pure function of (step, seed), so a resumed run sees exactly the rows it would have seen.
+    """
+    start = step * batch_size
+    out: list[int] = []
+    while len(out) < batch_size:
+        epoch, offset = divmod(start + len(out), n_rows)
+        perm = torch.randperm(n_rows, generator=torch.Generator().manual_seed(seed * 100_003 + epoch))
+        out.extend(perm[offset : offset + batch_size - len(out)].tolist())
+    return out
+
+
+def micro_batches(rows: list[int], *, accum: int, world: int, rank: int) -> list[list[int]]:
+    """This process's share of each accumulation micro-step of a global batch."""
+    per = len(rows) // (accum * world)
+    return [rows[(a * world + rank) * per : (a * world + rank + 1) * per] for a in range(accum)]
+
+
+def optimizer_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
+    """AdamW groups: decay on matrices, none on norms, biases and embeddings' 1-D parameters."""
+    decay, no_decay = [], []
+    for p in model.parameters():
+        if p.requires_grad:
+            (decay if p.dim() >= 2 else no_decay).append(p)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+# --------------------------------------------------------------------------- evaluation inside the loop
+
+
+def heldout_ce(
+    model: torch.nn.Module, examples: list[Encoded], pad_id: int, accelerator: Accelerator, batch_size: int
+) -> float:
+    """Mean cross-entropy per response token on held-out examples, shared across processes."""
+    world, rank = accelerator.num_processes, accelerator.process_index
+    total, count = ce_sums(model, examples[rank::world], pad_id, batch_size=batch_size, autocast=accelerator.autocast)
+    sums = accelerator.reduce(torch.tensor([total, count], dtype=torch.float64, device=accelerator.device), "sum")
+    return float(sums[0] / sums[1].clamp(min=1))
+
+
+# --------------------------------------------------------------------------- checkpoints
+
+
+def _checkpoints(run_dir: Path) -> list[Path]:
+    return sorted((run_dir / "checkpoints").glob("step_*"))
+
+
+def save_checkpoint(
+    run_dir: Path, step: int, model, optimizer, scheduler, method, state: dict, accelerator: Accelerator, keep: int
+) -> None:
+    """Write everything needed to continue exactly (weights, optimizer, schedule, RNG, data position).
+
+    Written into a temporary directory by every process, then renamed into place by the main one.
+    """
+    root = run_dir / "checkpoints"
+    tmp = root / f".tmp_step_{step:08d}"
+    if accelerator.is_main_process:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+    accelerator.wait_for_everyone()
+    rank = accelerator.process_index
+    rng = {
+        "python": random.getstate(),
+        "numpy": np.random.get_state(),
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+    }
+    torch.save(rng, tmp / f"rng_{rank}.pt")
+    if accelerator.is_main_process:
+        save_weights(accelerator.unwrap_model(model), str(tmp / "model.safetensors"))
+        torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+        torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
+        torch.save(method.state_dict(), tmp / "method.pt")
+        atomic_write_json(tmp / "state.json", {**state, "step": step})
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        atomic_replace_dir(tmp, root / f"step_{step:08d}")
+        for old in _checkpoints(run_dir)[:-keep] if keep > 0 else []:
+            shutil.rmtree(old, ignore_errors=True)
+    accelerator.wait_for_everyone()
+
+
+def load_checkpoint(ckpt: Path, model, optimizer, scheduler, method, accelerator: Accelerator) -> dict:
+    """Restore a checkpoint written by :func:`save_checkpoint`; returns its state (step, flops, ...)."""
+    load_weights(accelerator.unwrap_model(model), str(ckpt / "model.safetensors"), device=str(accelerator.device))
+    optimizer.load_state_dict(torch.load(ckpt / "optimizer.pt", map_location=accelerator.device, weights_only=False))
+    scheduler.load_state_dict(torch.load(ckpt / "scheduler.pt", weights_only=False))
+    method.load_state_dict(torch.load(ckpt / "method.pt", weights_only=False))
+    rng_file = ckpt / f"rng_{accelerator.process_index}.pt"
+    if rng_file.exists():
+        rng = torch.load(rng_file, weights_only=False)
+        random.setstate(rng["python"])
+        np.random.set_state(rng["numpy"])
+        torch.set_rng_state(rng["torch"])
+        if rng["cuda"] and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(rng["cuda"])
+    return json.loads((ckpt / "state.json").read_text())
+
+
+def _truncate_metrics(path: Path, step: int) -> None:
+    """Drop logged lines past `step` (they are recomputed after a resume)."""
+    if path.exists():
+        rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+        atomic_write_jsonl(path, [r for r in rows if r.get("step", 0) <= step])
+
+
+# --------------------------------------------------------------------------- the loop
+
+
+def _mixed_precision(choice: str) -> str:
+    if choice != "auto":
+        return choice
+    return "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "no"
+
+
+def seed_everything(seed: int) -> None:
+    """Seed Python, NumPy and torch (all devices)."""
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def fit(cfg: RunConfig, *, stop_after: int | None = None, progress: bool = True) -> FitResult:
+    """Train `cfg.student` by `cfg.method`; writes the run directory and returns where it is.
+
+    `stop_after` ends the run abruptly after that step (after its checkpoint, if one is due),
+    without saving the final model: it stands for a crash in tests of resuming.
+    """
+    t = cfg.train
+    # cpu=True when there is no GPU lets a launch of several processes run DDP on gloo.
+    accelerator = Accelerator(mixed_precision=_mixed_precision(t.mixed_precision), cpu=not torch.cuda.is_available())
+    world, rank = accelerator.num_processes, accelerator.process_index
+    if t.batch_size % (world * t.grad_accum):
+        raise ValueError(
+            f"train.batch_size={t.batch_size} must be divisible by processes ({world}) x train.grad_accum ({t.grad_accum})"
+        )
+    seed_everything(t.seed)
+
+    # Data first: a bad row stops the run before anything is written.
+    tokenizer = load_tokenizer(cfg.student)
+    train_rows, eval_rows = load_rows(cfg.data)
+    enc_kw = dict(max_length=cfg.data.max_length, truncation=cfg.data.truncation, system_prompt=cfg.data.system_prompt)
+    train_set = encode_rows(tokenizer, train_rows, **enc_kw)
+    eval_set = encode_rows(tokenizer, eval_rows[: cfg.eval.max_eval_rows], **enc_kw)
+    pad_id = tokenizer.pad_token_id
+
+    run_dir = cfg.run_dir
+    if accelerator.is_main_process:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        save_config(cfg, run_dir / "config.yaml")
+    accelerator.wait_for_everyone()
+
+    model = load_model(cfg.student, tokenizer, seed=t.seed)
+    model.train()
+    n_params = count_parameters(model)
+    ctx = RunContext(cfg=cfg, tokenizer=tokenizer, accelerator=accelerator, student_params=n_params)
+    method = make_method(cfg.method, ctx)
+    optimizer = torch.optim.AdamW(optimizer_groups(model, t.weight_decay), lr=t.lr, betas=t.betas)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda s: lr_lambda(s, warmup=t.warmup_steps, total=t.steps, min_ratio=t.min_lr_ratio)
+    )
+    model, optimizer = accelerator.prepare(model, optimizer)
+
+    metrics_path = run_dir / "metrics.jsonl"
+    start, tokens_seen = 0, 0
+    ckpts = _checkpoints(run_dir) if t.resume else []
+    if ckpts:
+        state = load_checkpoint(ckpts[-1], model, optimizer, scheduler, method, accelerator)
+        start, tokens_seen = state["step"], state["tokens"]
+        ctx.flops = FlopCounter(train=state["flops_train"], other=state["flops_other"])
+        if accelerator.is_main_process:
+            _truncate_metrics(metrics_path, start)
+            print(f"resuming {run_dir} from step {start}")
+    elif accelerator.is_main_process:
+        metrics_path.unlink(missing_ok=True)
+    accelerator.wait_for_everyone()
+
+    writer = _tensorboard(run_dir) if accelerator.is_main_process else None
+    bar = None
+    if progress and accelerator.is_main_process:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=t.steps, initial=start, desc=f"{cfg.name} [{cfg.method.name}]", dynamic_ncols=True)
+
+    last: dict = {}
+    t0 = time.perf_counter()
+    for step in range(start, t.steps):
+        ctx.step = step
+        other_before = ctx.flops.other
+        rows = step_rows(step, len(train_set), t.batch_size, t.seed)
+        batches = []
+        for idx in micro_batches(rows, accum=t.grad_accum, world=world, rank=rank):
+            b = {k: v.to(accelerator.device) for k, v in collate([train_set[i] for i in idx], pad_id).items()}
+            batches.append(method.sequences(b))
+        counts = torch.tensor(
+            [sum(response_token_count(b["labels"]) for b in batches), sum(int(b["attention_mask"].sum()) for b in batches)],
+            dtype=torch.float64,
+            device=accelerator.device,
+        )
+        n_trained, n_tokens = accelerator.reduce(counts, reduction="sum").tolist()
+
+        loss_sum = torch.zeros((), dtype=torch.float64, device=accelerator.device)
+        sums: dict[str, list[float]] = {}
+        for i, b in enumerate(batches):
+            sync = i == len(batches) - 1
+            with nullcontext() if sync else accelerator.no_sync(model), accelerator.autocast():
+                loss, m = method.loss(model, b)
+            # DDP averages gradients over processes; scale so that the result is the global token mean.
+            accelerator.backward(loss * world / max(n_trained, 1.0))
+            loss_sum += loss.detach().double()
+            for k, (v, n) in m.items():
+                acc = sums.setdefault(k, [0.0, 0.0])
+                acc[0] += v
+                acc[1] += n
+        grad_norm = accelerator.clip_grad_norm_(model.parameters(), t.max_grad_norm) if t.max_grad_norm > 0 else None
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+
+        keys = sorted(sums)
+        reduced = accelerator.reduce(
+            torch.tensor([loss_sum.item(), ctx.flops.other - other_before] + [x for k in keys for x in sums[k]],
+                         dtype=torch.float64, device=accelerator.device),
+            reduction="sum",
+        ).tolist()
+        ctx.flops.other = other_before + reduced[1]
+        ctx.flops.add_update(n_params, int(n_tokens))
+        tokens_seen += int(n_tokens)
+        done = step + 1
+        last = {
+            "step": done,
+            "loss": reduced[0] / max(n_trained, 1.0),
+            "lr": scheduler.get_last_lr()[0],
+            "tokens": tokens_seen,
+            "flops": ctx.flops.total,
+            "flops_train": ctx.flops.train,
+            "time": time.perf_counter() - t0,
+        }
+        if grad_norm is not None:
+            last["grad_norm"] = float(grad_norm)
+        for j, k in enumerate(keys):
+            last[k] = reduced[2 + 2 * j] / max(reduced[3 + 2 * j], 1e-12)
+        if (t.eval_every and done % t.eval_every == 0) or done == t.steps:
+            last["eval_ce"] = heldout_ce(model, eval_set, pad_id, accelerator, cfg.eval.batch_size)
+        if accelerator.is_main_process and (done % t.log_every == 0 or "eval_ce" in last or done == t.steps):
+            with metrics_path.open("a") as f:
+                f.write(json.dumps(last) + "\n")
+            if writer is not None:
+                for k, v in last.items():
+                    if k != "step":
+                        writer.add_scalar(k, v, done)
+        if bar is not None:
+            bar.update(1)
+            bar.set_postfix(loss=f"{last['loss']:.4f}", **({"eval": f"{last['eval_ce']:.4f}"} if "eval_ce" in last else {}))
+        if t.checkpoint_every and done % t.checkpoint_every == 0:
+            state = {"tokens": tokens_seen, "flops_train": ctx.flops.train, "flops_other": ctx.flops.other}
+            save_checkpoint(run_dir, done, model, optimizer, scheduler, method, state, accelerator, t.keep_checkpoints)
+        if stop_after is not None and done >= stop_after:
+            if bar is not None:
+                bar.close()
+            return FitResult(run_dir, done, last)
+    if bar is not None:
+        bar.close()
+    if writer is not None:
+        writer.close()
+
+    if accelerator.is_main_process:
+        save_model(accelerator.unwrap_model(model), tokenizer, run_dir / "model")
+        atomic_write_json(run_dir / "train_summary.json", {"config": to_dict(cfg), "final": last, "params": n_params})
+    accelerator.wait_for_everyone()
+    return FitResult(run_dir, t.steps, last)
+
+
+def _tensorboard(run_dir: Path):
+    """A TensorBoard writer when the optional `tensorboard` package is installed, else None."""
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:
+        return None
+    return SummaryWriter(str(run_dir / "tensorboard"))
