@@ -1,0 +1,52 @@
+"""Losses of lmdistill: pure functions, float32 inside, one masked reduction, plain dict registries.
+
+- Token divergences (METHODS.md): ``fkl``, ``rkl``, ``jsd``, ``skl``, ``srkl``, ``tvd``, ``akl``,
+  each ``fn(student_logits, teacher, mask, *, temperature=1.0, per_token=False, reduction="mean", **params)``
+  with a dense (B, T, V) teacher or a ``TopK`` one; registry ``LOSSES``.
+- ``chunked_divergence``: the same from the student's hidden states and head, chunk by chunk.
+- Sequence pieces: ``token_logprobs``, ``sequence_logprobs``; preference losses ``dpkd``,
+  ``dpo``, ``ipo``, ``cpo``, ``simpo`` returning ``(loss, metrics)``.
+"""
+
+from ._common import TopK, log_distributions, masked_reduce
+from .chunked import chunked_divergence
+from .divergences import (
+    KERNELS,
+    LOSSES,
+    akl,
+    akl_weights,
+    divergence_from_logprobs,
+    fkl,
+    jsd,
+    rkl,
+    skl,
+    srkl,
+    tvd,
+)
+from .preference import cpo, dpkd, dpo, ipo, simpo
+from .sequence import sequence_logprobs, token_logprobs
+
+__all__ = [
+    "KERNELS",
+    "LOSSES",
+    "TopK",
+    "akl",
+    "akl_weights",
+    "chunked_divergence",
+    "cpo",
+    "divergence_from_logprobs",
+    "dpkd",
+    "dpo",
+    "fkl",
+    "ipo",
+    "jsd",
+    "log_distributions",
+    "masked_reduce",
+    "rkl",
+    "sequence_logprobs",
+    "simpo",
+    "skl",
+    "srkl",
+    "token_logprobs",
+    "tvd",
+]
