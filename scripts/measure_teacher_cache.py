@@ -1,0 +1,137 @@
+"""Measure the top-k teacher cache on a real teacher: bytes per token, and cached-vs-full fkl on held-out rows.
+
+    python scripts/measure_teacher_cache.py --out runs/measure_cache [--teacher pypi:smollm2-135m-instruct]
+
+Builds the cache (k = 64, float16) of the teacher over math rows (`lmdistill cache-teacher`), then on the
+held-out rows compares, per student, the mean per-token KL(teacher ‖ student) computed three ways:
+from the full teacher logits, from the teacher's exact top-64 (float32) plus tail bucket, and from the
+cache. cache − top64 is the storage error (float16); top64 − full the truncation error (the tail merged
+into one bucket), which depends on the student. Students: a small model built from sizes with the
+teacher's tokenizer (at initialisation, and after KD steps from the cache), and the teacher itself at
+temperature 1.25 and 1.5 (students close to the teacher). Also times the teacher's forward pass.
+Prints one JSON object.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import time
+from pathlib import Path
+
+import torch
+
+from lmdistill.config import RunConfig, build
+from lmdistill.data import collate, encode_rows, load_rows
+from lmdistill.losses import LOSSES, TopK
+from lmdistill.methods.common import prediction_mask
+from lmdistill.models import load_model, load_tokenizer
+from lmdistill.teachers.cache import CachedTeacher, build_cache
+from lmdistill.teachers.load import load_teacher
+
+
+def heldout_batches(cfg: RunConfig, tokenizer, batch_size: int) -> list[dict[str, torch.Tensor]]:
+    _, held = load_rows(cfg.data)
+    enc = encode_rows(tokenizer, held[: cfg.eval.max_eval_rows], max_length=cfg.data.max_length,
+                      truncation=cfg.data.truncation, system_prompt=cfg.data.system_prompt)
+    return [collate(enc[i : i + batch_size], tokenizer.pad_token_id) for i in range(0, len(enc), batch_size)]
+
+
+@torch.no_grad()
+def teacher_signals(batches, teacher, cached) -> list[tuple]:
+    """Per held-out batch: (full logits, exact top-64 in float32, the cache's top-64), from one forward."""
+    out = []
+    for b in batches:
+        full = teacher.logits(b["input_ids"], b["attention_mask"])  # (B, T, V)
+        values, ids = torch.log_softmax(full.float(), dim=-1).topk(64, dim=-1)  # as LocalTeacher.topk
+        out.append((full, TopK(ids=ids, logprobs=values), cached.topk(b["input_ids"], b["attention_mask"], 64)))
+    return out
+
+
+@torch.no_grad()
+def fkl_three_ways(student_logits_fn, batches, signals) -> dict[str, float]:
+    """Token-weighted mean KL(teacher ‖ student) over the held-out response positions, three ways."""
+    sums = {"full": 0.0, "top64": 0.0, "cache": 0.0}
+    n = 0
+    for b, signal in zip(batches, signals):
+        mask = prediction_mask(b["labels"])
+        s = student_logits_fn(b, signal[0])  # (B, T, V); signal[0]: the teacher's full logits
+        for key, t in zip(("full", "top64", "cache"), signal):
+            sums[key] += LOSSES["fkl"](s, t, mask, reduction="sum").item()
+        n += int(mask.sum())
+    out = {k: v / n for k, v in sums.items()}
+    out["storage_error"] = out["cache"] - out["top64"]
+    out["truncation_error"] = out["top64"] - out["full"]
+    out["cache_minus_full"] = out["cache"] - out["full"]
+    return out
+
+
+@torch.no_grad()
+def forward_speed(model, batches, repeats: int = 2) -> float:
+    """Teacher forward tokens per second (attention-mask tokens), after one warm-up batch."""
+    model(input_ids=batches[0]["input_ids"], attention_mask=batches[0]["attention_mask"])
+    tokens, t0 = 0, time.perf_counter()
+    for _ in range(repeats):
+        for b in batches:
+            model(input_ids=b["input_ids"], attention_mask=b["attention_mask"])
+            tokens += int(b["attention_mask"].sum())
+    return tokens / (time.perf_counter() - t0)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--out", default="runs/measure_cache")
+    p.add_argument("--teacher", default="pypi:smollm2-135m-instruct")
+    p.add_argument("--n-train", type=int, default=256)
+    p.add_argument("--n-eval", type=int, default=64)
+    p.add_argument("--kd-steps", type=int, default=100)
+    args = p.parse_args()
+    out = Path(args.out)
+    from lmdistill.config import ModelConfig
+
+    teacher_tok_dir = load_tokenizer(ModelConfig(path=args.teacher)).name_or_path
+    cfg = build(RunConfig, {
+        "name": "measure", "output_dir": str(out / "kd"),
+        "student": {"tokenizer": teacher_tok_dir, "n_layer": 2, "n_embd": 64, "n_head": 4, "max_position": 192},
+        "teacher": {"kind": "local", "model": {"path": args.teacher}, "k": 64, "cache": str(out / "cache")},
+        "data": {"source": "math", "n_train": args.n_train, "n_eval": args.n_eval, "max_length": 160},
+        "train": {"steps": args.kd_steps, "batch_size": 16, "lr": 3e-3, "warmup_steps": 10, "log_every": 10,
+                  "eval_every": 0},
+        "eval": {"n_generate": 0, "max_eval_rows": args.n_eval},
+        "method": {"name": "kd", "alpha": 1.0},
+    })
+    summary = build_cache(cfg, batch_size=16)
+    tok = load_tokenizer(cfg.student)
+    batches = heldout_batches(cfg, tok, 16)
+    teacher = load_teacher(cfg.teacher, tok, torch.device("cpu"))
+    cached = CachedTeacher(cfg.teacher.cache, tokenizer=tok)
+    result: dict = {"cache": dataclasses.asdict(summary),
+                    "heldout_rows": sum(len(b["input_ids"]) for b in batches),
+                    "heldout_response_tokens": sum(int(prediction_mask(b["labels"]).sum()) for b in batches),
+                    "teacher_forward_tokens_per_second": forward_speed(teacher.model, batches)}
+    signals = teacher_signals(batches, teacher, cached)
+
+    def record(name: str, value) -> None:  # written as it comes: a later failure keeps the numbers
+        result[name] = value
+        (out / "result.json").write_text(json.dumps(result, indent=2) + "\n")
+
+    record("teacher_forward_tokens_per_second", result["teacher_forward_tokens_per_second"])
+    init = load_model(cfg.student, tok, seed=0).eval()
+    record("small_init", fkl_three_ways(
+        lambda b, full: init(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits, batches, signals))
+    for tau in (1.25, 1.5):
+        record(f"teacher_at_T{tau}", fkl_three_ways(lambda b, full, tau=tau: full / tau, batches, signals))
+    if args.kd_steps:
+        from lmdistill.train import fit
+
+        run = dataclasses.replace(cfg, teacher=dataclasses.replace(cfg.teacher, kind="cache"))
+        fit(run, progress=False)
+        trained = load_model(build(type(cfg.student), {"path": str(run.run_dir / "model")}), tok).eval()
+        record(f"small_after_{args.kd_steps}_kd_steps", fkl_three_ways(
+            lambda b, full: trained(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits, batches, signals))
+    print(json.dumps(result, indent=2))
+
+
+if __name__ == "__main__":
+    main()

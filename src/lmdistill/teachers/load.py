@@ -1,0 +1,63 @@
+"""Build the teacher a run config names, checked against the student and the method."""
+
+from __future__ import annotations
+
+import torch
+from transformers import PreTrainedTokenizerBase
+
+from lmdistill.config import ConfigError, TeacherConfig
+from lmdistill.teachers.base import Capability, CapabilityError, Teacher, require
+from lmdistill.teachers.local import LocalTeacher, check_tokenizers
+
+
+def load_teacher(cfg: TeacherConfig, student_tokenizer: PreTrainedTokenizerBase, device: torch.device) -> Teacher | None:
+    """The configured teacher on `device`, frozen; None for `teacher.kind=none`.
+
+    `local`: a model loaded here; `cache`: a top-k cache (teachers/cache.py), checked to have the
+    student's tokenizer; `server`: an OpenAI-compatible server (teachers/server.py), whose tokenizer,
+    when `teacher.model` names one, must be the student's; `mixture`: the weighted mixture of the local
+    teachers of `teacher.mixture` (teachers/mixture.py), each checked to have the student's tokenizer.
+    """
+    if cfg.kind == "none":
+        return None
+    from lmdistill.models import load_model, load_tokenizer
+
+    if cfg.kind == "cache":
+        from lmdistill.teachers.cache import CachedTeacher
+
+        if not cfg.cache:
+            raise ConfigError("teacher.kind=cache needs teacher.cache (a directory written by `lmdistill cache-teacher`)")
+        return CachedTeacher(cfg.cache, tokenizer=student_tokenizer)
+    if cfg.kind == "mixture":
+        from lmdistill.teachers.mixture import load_mixture
+
+        return load_mixture(cfg, student_tokenizer, device)
+    if cfg.kind == "server":
+        from lmdistill.teachers.server import ServerTeacher
+
+        if not cfg.base_url:
+            raise ConfigError("teacher.kind=server needs teacher.base_url (e.g. http://127.0.0.1:8080/v1)")
+        tokenizer = None
+        if cfg.model.path is not None or cfg.model.tokenizer:
+            tokenizer = load_tokenizer(cfg.model)
+            check_tokenizers(student_tokenizer, tokenizer)
+        return ServerTeacher(cfg.base_url, cfg.served_model, api_key_env=cfg.api_key_env, tokenizer=tokenizer,
+                             timeout=cfg.timeout, max_retries=cfg.max_retries, concurrency=cfg.concurrency)
+    if cfg.model.path is None:
+        raise CapabilityError("teacher.kind=local needs teacher.model.path (a Hugging Face directory or GGUF file)")
+    tokenizer = load_tokenizer(cfg.model)
+    check_tokenizers(student_tokenizer, tokenizer)
+    model = load_model(cfg.model, tokenizer).to(device)
+    return LocalTeacher(model, tokenizer, name=f"local:{cfg.model.path}")
+
+
+def check_method_teacher(method_name: str, needs: Capability | None, teacher: Teacher | None) -> None:
+    """Refuse, before the first step, a method whose needs the teacher cannot meet."""
+    if needs is None:
+        return
+    if teacher is None:
+        raise CapabilityError(
+            f"method {method_name!r} needs a teacher that gives {needs}; set teacher.kind=local and "
+            "teacher.model.path=... (a Hugging Face directory, a GGUF file)"
+        )
+    require(teacher.capability, needs, method=method_name, backend=teacher.name)
