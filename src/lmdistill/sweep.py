@@ -1,0 +1,210 @@
+"""A grid of runs: ``lmdistill sweep CONFIG key=v1,v2 ... seed=1,2,3``.
+
+Every argument ``key=value`` is a config override (as for ``lmdistill run``); a value with
+top-level commas is an axis of the grid, one run per combination (the last axis varies fastest).
+``seed`` stands for ``train.seed``. A list value is written in brackets: ``data.math_modules=[a,b],[c]``
+is an axis of two lists. Each run gets its own directory under the sweep directory, named after
+the varied keys (``lam_prime=0.5__seed=1``), and is trained by :func:`lmdistill.train.fit`, then
+evaluated (``eval.json``). A run whose ``train_summary.json`` exists is finished and skipped on a
+rerun; an interrupted one resumes from its newest checkpoint. ``sweep.json`` in the sweep directory
+records the command, the grid and each run's directory and status.
+"""
+
+from __future__ import annotations
+
+import gc
+import itertools
+import re
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from lmdistill.config import ConfigError, RunConfig, load_config, to_dict
+
+ALIASES = {"seed": "train.seed"}
+"""Short keys accepted on the command line."""
+
+
+@dataclass
+class SweepRun:
+    """One point of the grid."""
+
+    name: str
+    """Directory name inside the sweep directory (from the varied keys)."""
+    varied: dict[str, str]
+    """Dotted key → value (as written on the command line) of this point's grid axes."""
+    cfg: RunConfig
+    """The resolved config (output_dir set to the run's directory)."""
+
+
+def split_values(raw: str) -> list[str]:
+    """Split `raw` at commas outside brackets and quotes: ``"0,0.5"`` → ``["0", "0.5"]``,
+    ``"[a,b],[c]"`` → ``["[a,b]", "[c]"]``."""
+    parts, depth, quote, cur = [], 0, "", []
+    for ch in raw:
+        if quote:
+            quote = "" if ch == quote else quote
+        elif ch in "'\"":
+            quote = ch
+        elif ch in "[{":
+            depth += 1
+        elif ch in "]}":
+            depth -= 1
+        elif ch == "," and depth == 0:
+            parts.append("".join(cur))
+            cur = []
+            continue
+        cur.append(ch)
+    parts.append("".join(cur))
+    if depth != 0 or quote:
+        raise ConfigError(f"sweep value {raw!r}: unbalanced brackets or quotes")
+    return [p.strip() for p in parts]
+
+
+def parse_grid(args: list[str]) -> tuple[list[str], dict[str, list[str]]]:
+    """(fixed overrides, axes): ``["train.lr=1e-3", "seed=1,2"]`` → ``(["train.lr=1e-3"], {"train.seed": ["1", "2"]})``."""
+    fixed: list[str] = []
+    axes: dict[str, list[str]] = {}
+    seen: set[str] = set()
+    for item in args:
+        if "=" not in item:
+            raise ConfigError(f"sweep argument {item!r}: expected key=v1,v2,... (e.g. method.lam_prime=0,1 seed=1,2,3)")
+        key, raw = item.split("=", 1)
+        key = ALIASES.get(key.strip(), key.strip())
+        if key in seen:
+            raise ConfigError(f"sweep key {key} is given twice")
+        seen.add(key)
+        values = split_values(raw)
+        if any(v == "" for v in values):
+            raise ConfigError(f"sweep key {key}: empty value in {raw!r}")
+        if len(values) > 1:
+            if len(set(values)) != len(values):
+                raise ConfigError(f"sweep key {key}: repeated value in {raw!r}")
+            axes[key] = values
+        else:
+            fixed.append(f"{key}={values[0]}")
+    return fixed, axes
+
+
+def _short_keys(keys: list[str]) -> dict[str, str]:
+    """Dotted key → short name: its last part (``method.name`` → ``method``), the whole key where two would clash."""
+    last = {k: ("method" if k == "method.name" else k.rsplit(".", 1)[-1]) for k in keys}
+    counts: dict[str, int] = {}
+    for v in last.values():
+        counts[v] = counts.get(v, 0) + 1
+    return {k: (v if counts[v] == 1 else k) for k, v in last.items()}
+
+
+def _value_slug(value: str) -> str:
+    if "/" in value:  # a path: its file name without suffix
+        value = Path(value.rstrip("/")).stem or value
+    return re.sub(r"[^A-Za-z0-9._+=-]+", "_", value).strip("_") or "_"
+
+
+def run_name(varied: dict[str, str]) -> str:
+    """Directory name of a grid point: ``lam_prime=0.5__seed=1`` (``run`` when nothing varies)."""
+    short = _short_keys(list(varied))
+    return "__".join(f"{short[k]}={_value_slug(v)}" for k, v in varied.items()) or "run"
+
+
+def plan(config: str | Path | None, args: list[str], out_dir: str | Path | None = None) -> tuple[Path, list[SweepRun]]:
+    """(sweep directory, runs) of a sweep; every config is built and validated before anything runs."""
+    fixed, axes = parse_grid(args)
+    base = load_config(config, fixed)
+    root = Path(out_dir) if out_dir is not None else base.run_dir
+    runs: list[SweepRun] = []
+    names: set[str] = set()
+    for combo in itertools.product(*axes.values()) if axes else [()]:
+        varied = dict(zip(axes, combo))
+        name = run_name(varied)
+        if name in names:
+            raise ConfigError(f"two grid points get the same directory name {name!r}; use values that differ in their names")
+        names.add(name)
+        overrides = fixed + [f"{k}={v}" for k, v in varied.items()]
+        overrides += [f"name={base.name}__{name}", f"output_dir={root / name}"]
+        runs.append(SweepRun(name=name, varied=varied, cfg=load_config(config, overrides)))
+    return root, runs
+
+
+def _flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
+    if isinstance(tree, dict):
+        out: dict[str, Any] = {}
+        for k, v in tree.items():
+            out.update(_flatten(v, f"{prefix}{k}."))
+        return out
+    return {prefix.rstrip("."): tree}
+
+
+def check_same_config(run: SweepRun) -> None:
+    """Refuse to reuse a run directory written with a different config (keys both configs have)."""
+    saved_path = run.cfg.run_dir / "config.yaml"
+    if not saved_path.exists():
+        return
+    saved = _flatten(yaml.safe_load(saved_path.read_text()) or {})
+    new = _flatten(to_dict(run.cfg))
+    differ = [k for k in new if k in saved and k != "output_dir" and saved[k] != new[k]]
+    if differ:
+        shown = ", ".join(f"{k}: {saved[k]!r} there, {new[k]!r} now" for k in differ[:3])
+        raise ConfigError(
+            f"{run.cfg.run_dir} was made with a different config ({shown}); remove it or sweep into another directory (-o)"
+        )
+
+
+def is_finished(run_dir: Path) -> bool:
+    """A run is finished when its train_summary.json exists (fit writes it last)."""
+    return (Path(run_dir) / "train_summary.json").is_file()
+
+
+def sweep(
+    config: str | Path | None,
+    args: list[str],
+    *,
+    out_dir: str | Path | None = None,
+    evaluate: bool = True,
+    progress: bool = True,
+) -> list[dict]:
+    """Train (and evaluate) every grid point that is not finished; returns one status row per run."""
+    import torch
+    from accelerate import PartialState
+
+    from lmdistill.evaluate import evaluate_run
+    from lmdistill.io import atomic_write_json
+    from lmdistill.train import fit
+
+    root, runs = plan(config, args, out_dir)
+    for run in runs:
+        check_same_config(run)
+    main = PartialState().is_main_process
+    record = {
+        "command": ["lmdistill", "sweep", str(config), *args] + (["-o", str(out_dir)] if out_dir is not None else []),
+        "config": str(config),
+        "args": list(args),
+        "runs": [],
+    }
+    rows = []
+    for i, run in enumerate(runs, 1):
+        run_dir = run.cfg.run_dir
+        if is_finished(run_dir):
+            status = "skipped (finished)"
+        else:
+            if main:
+                print(f"[{i}/{len(runs)}] {run_dir}", file=sys.stderr)
+            fit(run.cfg, progress=progress)
+            status = "trained"
+        # A run trained now is evaluated again (an eval.json left from before would be stale).
+        if evaluate and main and (status == "trained" or not (run_dir / "eval.json").exists()):
+            evaluate_run(run_dir)
+            status += ", evaluated"
+        rows.append({"name": run.name, "run_dir": str(run_dir), "varied": run.varied, "status": status})
+        if main:
+            print(f"[{i}/{len(runs)}] {run.name}: {status}", file=sys.stderr)
+        gc.collect()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+    if main:
+        record["runs"] = rows
+        atomic_write_json(root / "sweep.json", record)
+    return rows
