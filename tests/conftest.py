@@ -48,3 +48,49 @@ def tiny_run_config(data: Path, out: Path, **sections) -> RunConfig:
 
 def read_metrics(run_dir: Path) -> list[dict]:
     return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory) -> Path:
+    """96 addition rows (seed 1) shared by a test module's runs."""
+    return write_addition_jsonl(tmp_path_factory.mktemp("data") / "train.jsonl", 96, seed=1)
+
+
+@pytest.fixture(scope="module")
+def teacher_dir(data, tmp_path_factory) -> Path:
+    """A 2-layer, 64-wide teacher trained by SFT for 60 steps on `data`; its saved model directory."""
+    from lmdistill.train import fit
+
+    out = tmp_path_factory.mktemp("teacher")
+    cfg = tiny_run_config(data, out / "run", student={"n_embd": 64, "n_head": 4},
+                          train={"steps": 60, "lr": 5e-3, "warmup_steps": 5, "log_every": 20})
+    fit(cfg, progress=False)
+    return cfg.run_dir / "model"
+
+
+def heldout_kls(cfg: RunConfig, model_dir: Path | None, teacher_dir: Path) -> tuple[float, float]:
+    """Mean (KL(teacher‖student), KL(student‖teacher)) per response token on the run's held-out rows.
+
+    `model_dir=None` measures the student at step 0, built from the run's seed as `fit` builds it.
+    """
+    import torch
+
+    from lmdistill.data.tokenize import collate, encode_rows
+    from lmdistill.losses import LOSSES
+    from lmdistill.methods import method_rows
+    from lmdistill.methods.common import prediction_mask
+    from lmdistill.models import load_model, load_tokenizer
+
+    tok = load_tokenizer(cfg.student)
+    if model_dir is None:
+        student = load_model(cfg.student, tok, seed=cfg.train.seed)
+    else:
+        student = load_model(build(type(cfg.student), {"path": str(model_dir)}), tok)
+    teacher = load_model(build(type(cfg.student), {"path": str(teacher_dir)}), tok)
+    _, held = method_rows(cfg)
+    batch = collate(encode_rows(tok, held, max_length=cfg.data.max_length), tok.pad_token_id)
+    mask = prediction_mask(batch["labels"])
+    with torch.no_grad():
+        s = student.eval()(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        t = teacher.eval()(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    return LOSSES["fkl"](s, t, mask).item(), LOSSES["rkl"](s, t, mask).item()

@@ -6,9 +6,8 @@ import sys
 
 import pytest
 import torch
-import yaml
 from safetensors.torch import load_file
-from transformers import AutoModelForCausalLM, AutoTokenizer
+from transformers import AutoModelForCausalLM
 
 from lmdistill.config import save_config
 from lmdistill.models import count_parameters, load_model

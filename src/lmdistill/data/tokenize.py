@@ -28,6 +28,13 @@ class Encoded:
     input_ids: list[int]
     n_prompt: int
     id: str
+    teacher_prompt_ids: list[int] | None = None
+    """What the teacher sees instead of the prompt (row field `teacher_prompt`, e.g. context + prompt)."""
+
+    def for_teacher(self) -> Encoded:
+        """The teacher's view: its own prompt followed by the same response ids."""
+        assert self.teacher_prompt_ids is not None
+        return Encoded(self.teacher_prompt_ids + self.input_ids[self.n_prompt :], len(self.teacher_prompt_ids), self.id)
 
     @property
     def labels(self) -> list[int]:
@@ -89,7 +96,12 @@ def encode_row(
                 f"over data.max_length={max_length} (set data.truncation=response to cut it)"
             )
         response_ids = response_ids[: max_length - len(prompt_ids)]
-    return Encoded(input_ids=prompt_ids + response_ids, n_prompt=len(prompt_ids), id=str(row.get("id", "")))
+    teacher_prompt_ids = None
+    if row.get("teacher_prompt") is not None:  # not limited by max_length: a context is long by nature
+        teacher_prompt_ids = tokenizer(render_prompt(tokenizer, row["teacher_prompt"], system_prompt),
+                                       add_special_tokens=False)["input_ids"]
+    return Encoded(input_ids=prompt_ids + response_ids, n_prompt=len(prompt_ids), id=str(row.get("id", "")),
+                   teacher_prompt_ids=teacher_prompt_ids)
 
 
 def encode_rows(tokenizer: PreTrainedTokenizerBase, rows: Sequence[dict], **kwargs) -> list[Encoded]:
@@ -98,7 +110,15 @@ def encode_rows(tokenizer: PreTrainedTokenizerBase, rows: Sequence[dict], **kwar
 
 
 def collate(examples: Sequence[Encoded], pad_id: int) -> dict[str, torch.Tensor]:
-    """Right-padded batch: input_ids, attention_mask, labels, each (B, T)."""
+    """Right-padded batch: input_ids, attention_mask, labels, each (B, T); plus the same three with prefix
+    `teacher_` (B, T') when the examples carry a teacher prompt."""
+    with_teacher = [e.teacher_prompt_ids is not None for e in examples]
+    if any(with_teacher):
+        if not all(with_teacher):
+            raise ValueError("either every example of a batch has a teacher prompt or none has")
+        plain = [Encoded(e.input_ids, e.n_prompt, e.id) for e in examples]
+        teacher = collate([e.for_teacher() for e in examples], pad_id)
+        return {**collate(plain, pad_id), **{"teacher_" + k: v for k, v in teacher.items()}}
     T = max(len(e.input_ids) for e in examples)
     B = len(examples)
     input_ids = torch.full((B, T), pad_id, dtype=torch.long)

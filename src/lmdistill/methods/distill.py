@@ -1,0 +1,205 @@
+"""Token-level distillation methods on the one loop: kd, akl, gkd, feedback-kl (METHODS.md)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from lmdistill.config import MethodConfig
+from lmdistill.data.tokenize import response_token_count
+from lmdistill.losses import LOSSES, TopK, token_logprobs
+from lmdistill.methods.base import Batch, Method, register
+from lmdistill.methods.common import prediction_mask, sample_responses, student_logits, teacher_signal, with_prefix
+from lmdistill.methods.sft import response_ce_sum
+from lmdistill.teachers import Capability
+
+
+def divergence_params(name: str, *, beta: float, skew: float, mu: float) -> dict[str, float]:
+    """The keyword each divergence takes, from a method's options."""
+    return {"jsd": {"beta": beta}, "skl": {"alpha": skew}, "srkl": {"alpha": skew}, "akl": {"mu": mu}}.get(name, {})
+
+
+@dataclass
+class KDConfig(MethodConfig):
+    """Word-level KD: (1 − alpha)·CE(data) + alpha·divergence(student ‖ teacher) on the data's responses."""
+
+    alpha: float = 1.0
+    """Weight of the divergence; 1 − alpha goes to cross-entropy on the data."""
+    divergence: str = "fkl"
+    """Divergence from the loss library: fkl, rkl, jsd, skl, srkl, tvd, akl."""
+    temperature: float = 1.0
+    """Softmax temperature applied to both models."""
+    beta: float = 0.5
+    """jsd's beta (0 = fkl, 1 = rkl)."""
+    skew: float = 0.1
+    """skl / srkl skew alpha."""
+    mu: float = 0.5
+    """akl's head mass."""
+
+    def __post_init__(self) -> None:
+        if self.divergence not in LOSSES:
+            raise ValueError(f"method.divergence: unknown {self.divergence!r}; known: {', '.join(LOSSES)}")
+        if not 0.0 <= self.alpha <= 1.0:
+            raise ValueError(f"method.alpha must be in [0, 1], got {self.alpha}")
+
+
+def token_distill_loss(cfg: KDConfig, logits: torch.Tensor, teacher: torch.Tensor | TopK, labels: torch.Tensor):
+    """(summed loss, metrics) of (1 − α)·CE + α·divergence over the trained tokens of one batch."""
+    mask = prediction_mask(labels)
+    n = float(mask.sum())
+    div = LOSSES[cfg.divergence](
+        logits, teacher, mask, temperature=cfg.temperature, reduction="sum",
+        **divergence_params(cfg.divergence, beta=cfg.beta, skew=cfg.skew, mu=cfg.mu),
+    )
+    ce = response_ce_sum(logits, labels)
+    loss = cfg.alpha * div + (1 - cfg.alpha) * ce
+    return loss, {"ce": (ce.item(), n), cfg.divergence: (div.item(), n)}
+
+
+@register
+class KD(Method):
+    """Word-level knowledge distillation on the data's responses (Hinton et al.; any divergence)."""
+
+    name = "kd"
+    config_class = KDConfig
+    needs = Capability.TOPK
+
+    def loss(self, model, batch: Batch):
+        teacher = teacher_signal(self.ctx, batch)
+        return token_distill_loss(self.cfg, student_logits(model, batch), teacher, batch["labels"])
+
+
+@dataclass
+class AKLConfig(KDConfig):
+    """Adaptive KL (Wu et al. 2024): KD whose divergence mixes fkl and rkl by head/tail gaps."""
+
+    divergence: str = "akl"
+    """Divergence (akl for this method)."""
+
+
+@register
+class AKL(KD):
+    """KD with the adaptive KL divergence."""
+
+    name = "akl"
+    config_class = AKLConfig
+
+
+@dataclass
+class GKDConfig(KDConfig):
+    """GKD (Agarwal et al.): a share `lam` of batches on the student's own samples, else data; jsd(beta)."""
+
+    divergence: str = "jsd"
+    """Divergence (generalized JSD by default)."""
+    lam: float = 0.5
+    """Probability that a batch's responses are sampled from the student (on-policy)."""
+    max_new_tokens: int = 32
+    """Length limit of the student's samples."""
+    sample_temperature: float = 1.0
+    """Sampling temperature of the student's samples."""
+
+
+@register
+class GKD(KD):
+    """Generalized knowledge distillation: on-policy student samples with probability lam."""
+
+    name = "gkd"
+    config_class = GKDConfig
+
+    def sequences(self, batch: Batch) -> Batch:
+        # A dedicated generator keeps the on-policy coin flips reproducible across resumes.
+        coin = torch.Generator().manual_seed(self.ctx.cfg.train.seed * 7919 + self.ctx.step)
+        if torch.rand((), generator=coin).item() < self.cfg.lam:
+            return sample_responses(self.ctx.model, batch, self.ctx, max_new_tokens=self.cfg.max_new_tokens,
+                                    temperature=self.cfg.sample_temperature)
+        return batch
+
+
+@dataclass
+class FeedbackKLConfig(MethodConfig):
+    """Seed 000's loss: lam·[CE_data − CE_data(teacher)] + lam_prime·E_{y~student} Σ_t KL(s_t ‖ q_t)."""
+
+    lam: float = 1.0
+    """Weight of the data term (SFT measured relative to the teacher)."""
+    lam_prime: float = 1.0
+    """Weight of the on-policy reverse KL along the student's own samples."""
+    max_new_tokens: int = 32
+    """Length limit of the student's samples."""
+    sample_temperature: float = 1.0
+    """Sampling temperature of the student's samples."""
+    estimator: str = "auto"
+    """`exact`: per-step KL over the vocabulary (full/topk teacher); `score`: score-function estimator from
+    the teacher's log-probs of the sampled tokens only (token teacher); `auto`: exact when the teacher allows."""
+
+    def __post_init__(self) -> None:
+        if self.estimator not in ("auto", "exact", "score"):
+            raise ValueError(f"method.estimator must be auto, exact or score, got {self.estimator!r}")
+
+
+@register
+class FeedbackKL(Method):
+    """Seed 000's "LLM-aligned SFT": SFT relative to the teacher plus on-policy reverse KL.
+
+    The data term's teacher part is a constant (reported as ``excess_ce``, the student's CE minus the
+    teacher's on the same tokens). The on-policy term is normalised per sampled token and weighted
+    by the batch's data tokens, so each term enters as a per-token mean.
+    """
+
+    name = "feedback-kl"
+    config_class = FeedbackKLConfig
+    needs = Capability.TOKEN
+
+    def _exact(self) -> bool:
+        if self.cfg.estimator == "auto":
+            return self.ctx.teacher.capability >= Capability.TOPK
+        if self.cfg.estimator == "exact" and self.ctx.teacher.capability < Capability.TOPK:
+            raise ValueError("method.estimator=exact needs a teacher with top-k log-probs; use estimator=score")
+        return self.cfg.estimator == "exact"
+
+    def sequences(self, batch: Batch) -> Batch:
+        if self.cfg.lam_prime == 0:
+            return batch
+        sample = sample_responses(self.ctx.model, batch, self.ctx, max_new_tokens=self.cfg.max_new_tokens,
+                                  temperature=self.cfg.sample_temperature)
+        return with_prefix(batch, sample, "sample_")
+
+    def loss(self, model, batch: Batch):
+        logits = student_logits(model, batch)
+        n = float(response_token_count(batch["labels"]))
+        ce = response_ce_sum(logits, batch["labels"])
+        with torch.no_grad():
+            self.ctx.count_teacher_forward(int(batch["attention_mask"].sum()))
+            teacher_lp = self.ctx.teacher.score(batch["input_ids"], batch["attention_mask"])
+            teacher_ce = -(teacher_lp * (batch["labels"] != -100)).sum()
+        loss = self.cfg.lam * ce
+        metrics = {"ce": (ce.item(), n), "excess_ce": (ce.item() - teacher_ce.item(), n)}
+        if self.cfg.lam_prime > 0:
+            rkl_sum, n_sample = self._on_policy_rkl(model, batch)
+            loss = loss + self.cfg.lam_prime * rkl_sum * (n / max(n_sample, 1.0))
+            metrics["onpolicy_rkl"] = (rkl_sum.item(), n_sample)
+        return loss, metrics
+
+    def _on_policy_rkl(self, model, batch: Batch) -> tuple[torch.Tensor, float]:
+        """Summed per-token reverse KL along the student's samples, and the number of sampled tokens."""
+        logits = student_logits(model, batch, "sample_")
+        labels = batch["sample_labels"]
+        n_sample = float(response_token_count(labels))
+        if self._exact():
+            teacher = teacher_signal(self.ctx, batch, "sample_")
+            return LOSSES["rkl"](logits, teacher, prediction_mask(labels), reduction="sum"), n_sample
+        # Score function: ∇ E_y[Σ_t log s(y_t) − log q(y_t)] = E_y[Σ_t ∇log s(y_t) · R_t], R_t the return from t.
+        with torch.no_grad():
+            self.ctx.count_teacher_forward(int(batch["sample_attention_mask"].sum()))
+            q = self.ctx.teacher.score(batch["sample_input_ids"], batch["sample_attention_mask"])
+        s = token_logprobs(logits, labels)  # (B, T), 0 at untrained positions
+        trained = labels != -100
+        r = (s.detach() - q) * trained
+        returns = r.flip(1).cumsum(1).flip(1)  # (B, T) R_t = Σ_{t' ≥ t} r_t'
+        # Leave-one-out baseline per position: the mean return of the other samples at the same
+        # position (independent of the row's own y_t, so the estimate stays unbiased).
+        count = trained.sum(0, keepdim=True)
+        baseline = (returns.sum(0, keepdim=True) - returns) / (count - trained.to(count.dtype)).clamp(min=1)
+        surrogate = (s * (returns - baseline) * trained).sum()
+        # The surrogate's value is not the KL: report the estimate itself, keep the surrogate's gradient.
+        return surrogate - surrogate.detach() + r.sum(), n_sample
