@@ -138,18 +138,18 @@ def _flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
     return {prefix.rstrip("."): tree}
 
 
-def check_same_config(run: SweepRun) -> None:
+def check_same_config(cfg: RunConfig) -> None:
     """Refuse to reuse a run directory written with a different config (keys both configs have)."""
-    saved_path = run.cfg.run_dir / "config.yaml"
+    saved_path = cfg.run_dir / "config.yaml"
     if not saved_path.exists():
         return
     saved = _flatten(yaml.safe_load(saved_path.read_text()) or {})
-    new = _flatten(to_dict(run.cfg))
+    new = _flatten(to_dict(cfg))
     differ = [k for k in new if k in saved and k != "output_dir" and saved[k] != new[k]]
     if differ:
         shown = ", ".join(f"{k}: {saved[k]!r} there, {new[k]!r} now" for k in differ[:3])
         raise ConfigError(
-            f"{run.cfg.run_dir} was made with a different config ({shown}); remove it or sweep into another directory (-o)"
+            f"{cfg.run_dir} was made with a different config ({shown}); remove it or sweep into another directory (-o)"
         )
 
 
@@ -176,7 +176,7 @@ def sweep(
 
     root, runs = plan(config, args, out_dir)
     for run in runs:
-        check_same_config(run)
+        check_same_config(run.cfg)
     main = PartialState().is_main_process
     record = {
         "command": ["lmdistill", "sweep", str(config), *args] + (["-o", str(out_dir)] if out_dir is not None else []),

@@ -114,9 +114,20 @@ class DPKD(Method):
         chosen_logits = student_logits(model, batch, "chosen_")
         pol_w, len_w = sequence_logprobs(chosen_logits, batch["chosen_labels"])
         pol_l, len_l = sequence_logprobs(student_logits(model, batch, "rejected_"), batch["rejected_labels"])
-        with torch.no_grad():
-            ref_w = self._reference_seq_logprobs(batch, "chosen_")
-            ref_l = self._reference_seq_logprobs(batch, "rejected_")
+        # A full-logit teacher's forward on y_w serves both its log-probs and the first-token divergences.
+        teacher_w = None
+        if self.ctx.teacher is not None and self.ctx.teacher.capability >= Capability.FULL:
+            with torch.no_grad():
+                self.ctx.count_teacher_forward(int(batch["chosen_attention_mask"].sum()))
+                teacher_w = self.ctx.teacher.logits(batch["chosen_input_ids"], batch["chosen_attention_mask"])
+        ref_w = ref_l = None
+        if cfg.form in ("dpkd", "dpo", "ipo"):  # cpo and simpo need no reference
+            with torch.no_grad():
+                if teacher_w is not None and cfg.form != "dpo":
+                    ref_w = sequence_logprobs(teacher_w, batch["chosen_labels"])[0]
+                else:
+                    ref_w = self._reference_seq_logprobs(batch, "chosen_")
+                ref_l = self._reference_seq_logprobs(batch, "rejected_")
         if cfg.form in ("dpkd", "dpo"):
             pref, m = (dpkd if cfg.form == "dpkd" else dpo)(pol_w, pol_l, ref_w, ref_l, beta=cfg.beta, chosen_len=len_w, rejected_len=len_l,
                            length_normalize=cfg.length_normalize)
@@ -132,18 +143,17 @@ class DPKD(Method):
         loss = cfg.lm_weight * ce + pref * n
         metrics = {"ce": (ce.item(), n), "pref_loss": (pref.item() * pairs, pairs)}
         metrics.update({k: (float(v) * pairs, pairs) for k, v in m.items()})
-        if self.ctx.teacher.capability >= Capability.FULL:
-            metrics.update(self._first_token_divergences(chosen_logits.detach(), batch))
+        if teacher_w is not None:
+            metrics.update(self._first_token_divergences(chosen_logits.detach(), teacher_w, batch["chosen_labels"]))
         return loss, metrics
 
     @torch.no_grad()
-    def _first_token_divergences(self, logits: torch.Tensor, batch: Batch) -> dict[str, tuple[float, float]]:
-        """KL(teacher‖student) and KL(student‖teacher) at the first response token of y_w."""
-        labels = batch["chosen_labels"]
+    def _first_token_divergences(self, logits: torch.Tensor, teacher: torch.Tensor,
+                                 labels: torch.Tensor) -> dict[str, tuple[float, float]]:
+        """KL(teacher‖student) and KL(student‖teacher) at the first response token of y_w (logits (B, T, V))."""
         first = (labels != -100).float().argmax(1) - 1  # the position that predicts the first response token
         mask = torch.zeros_like(labels, dtype=torch.bool)
         mask[torch.arange(len(first)), first.clamp(min=0)] = True
-        teacher = self.ctx.teacher.logits(batch["chosen_input_ids"], batch["chosen_attention_mask"])
         rows = float(mask.sum())
         return {
             "first_token_kl": (LOSSES["fkl"](logits, teacher, mask, reduction="sum").item(), rows),
