@@ -52,6 +52,21 @@ def test_gkd_off_policy_with_beta_zero_is_kd_forward_kl(data, teacher_dir, tmp_p
     assert losses(gkd.run_dir) == pytest.approx(losses(kd.run_dir), rel=1e-6)
 
 
+@pytest.mark.parametrize("k", [0, 8])
+def test_kd_chunked_equals_kd_dense(data, teacher_dir, tmp_path, k):
+    """The fused chunked path (no (B, T, V) student logits) trains exactly like the dense one."""
+    runs = []
+    for chunked in (False, True):
+        cfg = method_config(data, tmp_path / f"c{chunked}{k}", teacher_dir,
+                            {"name": "kd", "divergence": "jsd", "chunked": chunked, "chunk_size": 7}, k=k,
+                            train={"steps": 4})
+        fit(cfg, progress=False)
+        runs.append([v for r in read_metrics(cfg.run_dir) if "loss" in r for v in (r["loss"], r["jsd"])])
+    assert runs[0] == pytest.approx(runs[1], rel=1e-5)
+    with pytest.raises(ValueError, match="method.alpha=1"):
+        method_config(data, tmp_path / "x", teacher_dir, {"name": "kd", "chunked": True, "alpha": 0.5})
+
+
 METHOD_RUNS = {
     "kd": {"name": "kd"},
     "kd-topk": {"name": "kd", "divergence": "rkl"},

@@ -8,7 +8,7 @@ import torch
 
 from lmdistill.config import MethodConfig
 from lmdistill.data.tokenize import response_token_count
-from lmdistill.losses import LOSSES, TopK, token_logprobs
+from lmdistill.losses import LOSSES, TopK, chunked_divergence, token_logprobs
 from lmdistill.methods.base import Batch, Method, register
 from lmdistill.methods.common import prediction_mask, sample_responses, student_logits, teacher_signal, with_prefix
 from lmdistill.methods.sft import response_ce_sum
@@ -36,12 +36,19 @@ class KDConfig(MethodConfig):
     """skl / srkl skew alpha."""
     mu: float = 0.5
     """akl's head mass."""
+    chunked: bool = False
+    """Fused head + divergence over chunks of positions (`losses.chunked_divergence`): no (B, T, V) student
+    logits are kept, for large vocabularies. Needs alpha = 1 (no cross-entropy term)."""
+    chunk_size: int = 0
+    """Positions per chunk with chunked=true (0: max(64, 2**21 // V))."""
 
     def __post_init__(self) -> None:
         if self.divergence not in LOSSES:
             raise ValueError(f"method.divergence: unknown {self.divergence!r}; known: {', '.join(LOSSES)}")
         if not 0.0 <= self.alpha <= 1.0:
             raise ValueError(f"method.alpha must be in [0, 1], got {self.alpha}")
+        if self.chunked and self.alpha != 1.0:
+            raise ValueError("method.chunked=true computes no student logits, so no cross-entropy: set method.alpha=1")
 
 
 def token_distill_loss(cfg: KDConfig, logits: torch.Tensor, teacher: torch.Tensor | TopK, labels: torch.Tensor):
@@ -67,7 +74,23 @@ class KD(Method):
 
     def loss(self, model, batch: Batch):
         teacher = teacher_signal(self.ctx, batch)
+        if getattr(self.cfg, "chunked", False):
+            return self._chunked_loss(model, batch, teacher)
         return token_distill_loss(self.cfg, student_logits(model, batch), teacher, batch["labels"])
+
+    def _chunked_loss(self, model, batch: Batch, teacher: torch.Tensor | TopK):
+        cfg = self.cfg
+        # Through the (possibly DDP-wrapped) model, keeping the logits of one position only.
+        out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], output_hidden_states=True,
+                    logits_to_keep=torch.zeros(1, dtype=torch.long, device=batch["input_ids"].device))
+        head = self.ctx.accelerator.unwrap_model(model).get_output_embeddings()
+        mask = prediction_mask(batch["labels"])
+        div = chunked_divergence(
+            out.hidden_states[-1], head.weight, head.bias, teacher, mask, name=cfg.divergence, reduction="sum",
+            temperature=cfg.temperature, chunk_size=cfg.chunk_size or None,
+            **divergence_params(cfg.divergence, beta=cfg.beta, skew=cfg.skew, mu=cfg.mu),
+        )
+        return div, {cfg.divergence: (div.item(), float(mask.sum()))}
 
 
 @dataclass
