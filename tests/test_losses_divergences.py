@@ -19,6 +19,7 @@ from lmdistill.losses import (
     log_distributions,
     masked_reduce,
     rkl,
+    sample_tail,
     skl,
     srkl,
     tvd,
@@ -353,3 +354,76 @@ def test_log_distributions_shapes():
     assert ls.shape == lq.shape == (2, 4, 4)
     torch.testing.assert_close(ls.exp().sum(-1), torch.ones(2, 4, dtype=torch.float64))
     torch.testing.assert_close(lq.exp().sum(-1), torch.ones(2, 4, dtype=torch.float64))
+
+
+# --- top-k with tail samples (sample_tail) ------------------------------------------------------
+
+
+def sampled_of(teacher_logits: torch.Tensor, k: int, n: int, generator: torch.Generator) -> TopK:
+    """sample_tail over (B, T, V) teacher logits, reshaped back to (B, T, ·)."""
+    B, T, V = teacher_logits.shape
+    flat = sample_tail(teacher_logits.reshape(-1, V).log_softmax(-1), k, n, generator)
+    return TopK(*(x.reshape(B, T, *x.shape[1:]) for x in flat))
+
+
+def test_sampled_tail_fkl_is_unbiased_in_value_and_gradient():
+    """Averaged over draws, fkl from top-5 + 4 tail samples equals the full-vocabulary fkl and its
+    gradient (within 5 standard errors of the draws' mean); the tail bucket alone is a lower bound
+    many standard errors below it."""
+    student, teacher, mask = rand(2, 2, 50, dtype=torch.float32, seed=3)
+    student.requires_grad_(True)
+    full = fkl(student, teacher, mask)
+    (g_full,) = torch.autograd.grad(full, student)
+    gen = torch.Generator().manual_seed(0)
+    values, grads = [], []
+    for _ in range(3000):
+        v = fkl(student, sampled_of(teacher, 5, 4, gen), mask)
+        (g,) = torch.autograd.grad(v, student)
+        values.append(v.detach())
+        grads.append(g)
+    values, grads = torch.stack(values), torch.stack(grads)
+    se = values.std() / len(values) ** 0.5
+    assert abs(values.mean() - full.detach()) < 5 * se
+    g_se = grads.std(0) / len(grads) ** 0.5
+    # + 2e-5: a tail id with q ~ 1e-5 may never be drawn in 3000 draws (then its standard error is 0
+    # and its mean gradient is off by ~q).
+    assert ((grads.mean(0) - g_full).abs() <= 5.5 * g_se + 2e-5).all()
+    bucket = fkl(student, topk_of(teacher, 5), mask)
+    assert full.detach() - bucket > 50 * se
+
+
+def test_sampled_tail_with_a_single_tail_id_is_exact():
+    """k = V − 1: every sample is the one tail id, so value and gradient equal the dense ones."""
+    student, teacher, mask = rand(2, 4, 7)
+    student.requires_grad_(True)
+    sampled = fkl(student, sampled_of(teacher, 6, 3, torch.Generator().manual_seed(1)), mask)
+    dense = fkl(student, teacher, mask)
+    torch.testing.assert_close(sampled, dense)
+    g1, g2 = (torch.autograd.grad(x, student)[0] for x in (sampled, dense))
+    torch.testing.assert_close(g1, g2)
+
+
+def test_sample_tail_fields_and_systematic_coverage():
+    """tail_plogp is Σ_tail q·log q exactly; samples lie outside the top k; systematic sampling picks every
+    tail id holding at least 1/n of the tail mass in every draw."""
+    logp = (torch.randn(20, 30, dtype=torch.float64) * 2).log_softmax(-1)
+    top = sample_tail(logp, 4, 8, torch.Generator().manual_seed(2))
+    assert top.ids.shape == (20, 4) and top.tail_ids.shape == (20, 8) and top.tail_plogp.shape == (20,)
+    q = logp.exp().scatter(-1, top.ids, 0.0)
+    torch.testing.assert_close(top.tail_plogp, (q * logp).sum(-1).float())
+    assert not (top.tail_ids.unsqueeze(-1) == top.ids.unsqueeze(-2)).any()
+    heavy = q / q.sum(-1, keepdim=True) >= 1 / 8
+    for r in range(20):
+        assert set(heavy[r].nonzero().flatten().tolist()) <= set(top.tail_ids[r].tolist())
+
+
+def test_sampled_tail_respects_the_mask_and_only_changes_fkl():
+    student, teacher, mask = rand(2, 4, 12, seed=5)
+    sampled = sampled_of(teacher, 3, 5, torch.Generator().manual_seed(0))
+    per_token = fkl(student, sampled, mask, per_token=True)
+    assert (per_token[~mask] == 0).all()
+    whole = fkl(student, sampled, torch.ones_like(mask), per_token=True)
+    torch.testing.assert_close(per_token[mask], whole[mask])
+    plain = TopK(sampled.ids, sampled.logprobs)
+    for name in ("rkl", "jsd", "tvd"):
+        torch.testing.assert_close(LOSSES[name](student, sampled, mask), LOSSES[name](student, plain, mask))

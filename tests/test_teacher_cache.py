@@ -235,6 +235,54 @@ def test_bytes_per_token_at_k64(data, teacher_dir, tmp_path):
         assert f.get_slice("ids").get_dtype() == "U16" and f.get_slice("logprobs").get_dtype() == "F16"
 
 
+def test_tail_samples_make_the_cached_fkl_unbiased(data, teacher_dir, tmp_path):
+    """k = 4 plus 16 tail samples: the samples lie outside the top 4, tail_plogp is the local teacher's
+    exact Σ_tail q·log q, the held-out fkl of a random student is much closer to the full-vocabulary value
+    than the tail bucket's lower bound, a rebuild draws the same samples, and a smaller k is refused."""
+    cfg = config(data, tmp_path, teacher_dir, k=4, tail_samples=16, cache_dtype="float32")
+    build_cache(cfg, progress=False)
+    assert json.loads((tmp_path / "cache" / "index.json").read_text())["tail_samples"] == 16
+    cached = CachedTeacher(cfg.teacher.cache, tokenizer=load_tokenizer(cfg.student))
+    batch = batch_of(cfg, "eval", n=16)
+    mask = prediction_mask(batch["labels"])
+    got = cached.topk(batch["input_ids"], batch["attention_mask"], 4)
+    assert got.sampled and got.tail_ids.shape == (*mask.shape, 16)
+    assert not (got.tail_ids[mask].unsqueeze(-1) == got.ids[mask].unsqueeze(-2)).any()
+    full = local(cfg).logits(batch["input_ids"], batch["attention_mask"]).log_softmax(-1)  # (B, T, V)
+    q_tail = full.exp().scatter(-1, got.ids, 0.0)
+    torch.testing.assert_close(got.tail_plogp[mask], (q_tail * full).sum(-1)[mask], atol=1e-5, rtol=1e-5)
+
+    student = load_model(CHAR, load_tokenizer(CHAR), seed=7).eval()
+    with torch.no_grad():
+        s = student(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    exact = LOSSES["fkl"](s, full, mask).item()
+    sampled = LOSSES["fkl"](s, got, mask).item()
+    bucket = LOSSES["fkl"](s, TopK(got.ids, got.logprobs), mask).item()
+    assert exact - bucket > 0.01
+    assert abs(sampled - exact) < 0.2 * (exact - bucket)
+
+    with pytest.raises(ValueError, match="teacher.k=4"):
+        cached.topk(batch["input_ids"], batch["attention_mask"], 3)
+    again = config(data, tmp_path / "again", teacher_dir, k=4, tail_samples=16, cache_dtype="float32")
+    build_cache(again, progress=False)
+    from safetensors.torch import load_file
+
+    for a, b in zip(sorted((tmp_path / "cache").glob("shard-*")), sorted((tmp_path / "again" / "cache").glob("shard-*"))):
+        first, second = load_file(a), load_file(b)
+        assert a.name == b.name and first.keys() == second.keys()
+        assert all(torch.equal(first[key], second[key]) for key in first)
+
+
+def test_bytes_per_token_at_k32_with_64_tail_samples(data, teacher_dir, tmp_path):
+    """2·32 ids + 2·32 log-probs + 2·64 sample ids + tail, target (2 + 2) + tail_plogp (4) = 264 bytes."""
+    cfg = config(data, tmp_path, teacher_dir, k=32, tail_samples=64)
+    summary = build_cache(cfg, progress=False)
+    files = list((tmp_path / "cache").glob("shard-*.safetensors"))
+    payload = 264 * summary.tokens + 28 * summary.rows
+    assert payload < summary.bytes < payload + 1500 * len(files)
+    assert summary.bytes_per_token <= 300
+
+
 @pytest.mark.parametrize("vocab, encoding, extra", [(49_152, "uint16", 0), (151_936, "uint16+hi2", 16),
                                                    (1 << 20, "uint16+hi4", 32), (1 << 24, "uint16+hi8", 64),
                                                    ((1 << 24) + 1, "int32", None)])
@@ -276,6 +324,25 @@ def test_kd_from_a_full_cache_equals_kd_from_the_local_teacher(data, teacher_dir
         assert b["loss"] == pytest.approx(a["loss"], rel=1e-5)
         assert b["fkl"] == pytest.approx(a["fkl"], rel=1e-4, abs=1e-7)
         assert b["grad_norm"] == pytest.approx(a["grad_norm"], rel=1e-4)
+
+
+def test_kd_from_a_tail_sampled_cache_tracks_the_dense_teacher(data, teacher_dir, tmp_path):
+    """fit with kd (α = 1, fkl) from a k = 4 cache: at the first step (same student everywhere) the logged
+    fkl from the cache with 16 tail samples is far closer to the dense teacher's than the bucket's."""
+    method = {"name": "kd", "alpha": 1.0, "divergence": "fkl"}
+    first = {}
+    for name, kind, tail in (("dense", "local", 0), ("bucket", "cache", 0), ("sampled", "cache", 16)):
+        teacher = {"kind": "local", "model": {"path": str(teacher_dir)}, "cache": str(tmp_path / f"cache{tail}"),
+                   "k": 4 if kind == "cache" else 0, "tail_samples": tail, "cache_dtype": "float32"}
+        cfg = tiny_run_config(data, tmp_path / name, method=method, train={"steps": 3}, teacher=teacher)
+        if kind == "cache":
+            build_cache(cfg, progress=False)
+            cfg.teacher.kind = "cache"
+        fit(cfg, progress=False)
+        first[name] = [r for r in read_metrics(cfg.run_dir) if "fkl" in r][0]["fkl"]
+    gap = first["dense"] - first["bucket"]
+    assert gap > 0.01
+    assert abs(first["sampled"] - first["dense"]) < 0.2 * gap, first
 
 
 def test_cli_prints_the_summary(data, teacher_dir, tmp_path, capsys):

@@ -85,6 +85,8 @@ class TeacherConfig:
     """kind=mixture: the teachers, each {path, weight}; their next-token distributions are mixed, p_mix = Σ w_i p_i (for kd / gkd)."""
     k: int = 0
     """Use only the teacher's top-k log-probs (plus a tail bucket) per position; 0 = every logit (a top-k-only teacher then gives 64). Also the k a cache is built with (0: 64)."""
+    tail_samples: int = 0
+    """cache-teacher: also store this many systematic samples per position from the teacher's distribution outside its top k, plus its exact tail term, so the cached `fkl` (value and gradient) is unbiased instead of a tail-bucket lower bound (2 bytes per sample and position; e.g. k=32 + 64 samples ≈ 270 bytes per token, about as much as k=64). Other divergences use the tail bucket."""
     cache: str | None = None
     """Top-k cache directory: written by `lmdistill cache-teacher`, read when kind=cache."""
     cache_dtype: Literal["float16", "float32"] = "float16"
@@ -107,6 +109,8 @@ class TeacherConfig:
     def __post_init__(self) -> None:
         if self.k < 0:
             raise ValueError(f"teacher.k must be >= 0, got {self.k}")
+        if self.tail_samples < 0:
+            raise ValueError(f"teacher.tail_samples must be >= 0, got {self.tail_samples}")
         if self.cache_shard_tokens < 1:
             raise ValueError(f"teacher.cache_shard_tokens must be >= 1, got {self.cache_shard_tokens}")
         if self.kind == "mixture" and not sum(m.weight for m in self.mixture) > 0:

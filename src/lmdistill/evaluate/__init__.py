@@ -203,11 +203,14 @@ def teacher_divergences(
 
     ``fkl_first`` / ``rkl_first``: at the position predicting each row's first response token
     (DPKD compares models there); ``fkl_all`` / ``rkl_all``: mean over every response token.
-    Full logits when the teacher gives them, else its top-64 log-probs plus a tail bucket.
+    Full logits when the teacher gives them, else its top-64 log-probs (a cache's own k) plus a tail
+    bucket, or tail samples for ``fkl`` where the cache has them.
     """
     from lmdistill.teachers.base import Capability
 
     full = teacher.capability >= Capability.FULL
+    k = min(64, getattr(teacher, "k", 0) or 64)  # a cache holds its own k
+    support = "full"
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
@@ -216,14 +219,16 @@ def teacher_divergences(
         batch = {k: v.to(device) for k, v in collate(examples[i : i + batch_size], pad_id).items()}
         ids, am = batch["input_ids"], batch["attention_mask"]
         student = model(input_ids=ids, attention_mask=am).logits  # (B, T, V)
-        signal = teacher.logits(ids, am) if full else teacher.topk(ids, am, 64)
+        signal = teacher.logits(ids, am) if full else teacher.topk(ids, am, k)
+        if not full:
+            support = f"top-{k} + {'tail samples' if signal.sampled else 'tail'}"
         if full:
             # A head padded past the shared vocabulary (Qwen-style) is cut to the teacher's width.
             student = student[..., : signal.shape[-1]]
         for k, v in divergence_sums(student, signal, batch["labels"]).items():
             sums[k] = sums.get(k, 0.0) + v
     model.train(was_training)
-    out: dict = {"support": "full" if full else "top-64 + tail"}
+    out: dict = {"support": support}
     for which in ("first", "all"):
         n = int(sums.get(f"n_{which}", 0))
         out[f"n_{which}"] = n

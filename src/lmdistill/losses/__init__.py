@@ -8,7 +8,7 @@
   ``dpo``, ``ipo``, ``cpo``, ``simpo`` returning ``(loss, metrics)``.
 """
 
-from ._common import TopK, log_distributions, masked_reduce
+from ._common import TopK, log_distributions, masked_reduce, sample_tail
 from .chunked import chunked_divergence
 from .divergences import (
     KERNELS,
@@ -30,6 +30,7 @@ __all__ = [
     "KERNELS",
     "LOSSES",
     "TopK",
+    "sample_tail",
     "akl",
     "akl_weights",
     "chunked_divergence",

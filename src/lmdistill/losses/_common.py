@@ -18,10 +18,60 @@ class TopK(NamedTuple):
     ids: LongTensor (B, T, k), token ids in [0, V).
     logprobs: FloatTensor (B, T, k), the teacher's log-probabilities of those ids under its full
         softmax over V (so ``logprobs.exp().sum(-1) <= 1``; the rest is the tail mass).
+    tail_ids: optional LongTensor (B, T, n): n ids drawn from the teacher's distribution restricted
+        to its tail (the ids outside ``ids``), by systematic sampling (:func:`sample_tail`).
+    tail_plogp: optional FloatTensor (B, T): Σ_tail q·log q, the teacher's exact tail term.
+
+    Without the tail fields the losses merge the tail into one bucket, which makes ``fkl`` a lower
+    bound of the full value (log-sum inequality). With them ``fkl`` estimates the tail term without
+    bias: Σ_tail q·log(q/s) = tail_plogp − (tail mass / n)·Σ_i log s(tail_ids_i) in expectation, and
+    so does its gradient. The other divergences use the bucket either way.
     """
 
     ids: Tensor
     logprobs: Tensor
+    tail_ids: Tensor | None = None
+    tail_plogp: Tensor | None = None
+
+    @property
+    def sampled(self) -> bool:
+        """Whether this teacher carries tail samples (see the class docstring)."""
+        return self.tail_ids is not None
+
+    def select(self, where: Tensor) -> TopK:
+        """The positions ``where`` selects (a bool mask over the leading dims, or an index), every field."""
+        if not self.sampled:
+            return TopK(self.ids[where], self.logprobs[where])
+        return TopK(self.ids[where], self.logprobs[where], self.tail_ids[where], self.tail_plogp[where])
+
+
+@torch.no_grad()
+def sample_tail(teacher_logp: Tensor, k: int, n: int, generator: torch.Generator | None = None) -> TopK:
+    """The teacher's top-k plus n systematic samples from its tail, from full log-probs (N, V).
+
+    Systematic sampling: the tail (ids outside the top k) is sorted by probability and cut at the
+    n points (u + i)/n, i = 0..n−1, u ~ U[0, 1) of its normalised cumulative mass; each point picks
+    one id. Every id is picked q_v / tail·n times in expectation (so the estimator in ``TopK`` is
+    unbiased), and high-mass tail ids are picked almost surely, which keeps its variance far below
+    that of independent draws. Returns TopK with ids/logprobs (N, k), tail_ids (N, n) and
+    tail_plogp (N,). A position without tail mass gets tail_plogp 0 and weightless samples.
+    """
+    if teacher_logp.dim() != 2:
+        raise ValueError(f"teacher_logp must be (N, V), got {tuple(teacher_logp.shape)}")
+    if not 1 <= k < teacher_logp.shape[-1] or n < 1:
+        raise ValueError(f"need 1 <= k < V and n >= 1, got k={k}, n={n}, V={teacher_logp.shape[-1]}")
+    logp = teacher_logp.float()
+    top_lp, top_ids = logp.topk(k, dim=-1)  # (N, k), best first
+    tail_logp = logp.scatter(-1, top_ids, -math.inf)  # (N, V)
+    q = tail_logp.exp()
+    plogp = (q * tail_logp.masked_fill(q == 0, 0.0)).sum(-1)  # (N,)
+    q_sorted, order = q.sort(dim=-1, descending=True)
+    cdf = q_sorted.cumsum(-1)
+    cdf = cdf / cdf[:, -1:].clamp(min=torch.finfo(cdf.dtype).tiny)
+    u = torch.rand(logp.shape[0], 1, generator=generator, device=logp.device)
+    points = (u + torch.arange(n, device=logp.device)) / n  # (N, n), increasing
+    pos = torch.searchsorted(cdf, points).clamp(max=logp.shape[-1] - 1)
+    return TopK(top_ids, top_lp, order.gather(-1, pos), plogp)
 
 
 Teacher = Tensor | TopK
@@ -110,7 +160,7 @@ def log_distributions(
     if temperature <= 0:
         raise ValueError(f"temperature must be > 0, got {temperature}")
     if isinstance(teacher, TopK):
-        ids, logprobs = teacher
+        ids, logprobs = teacher.ids, teacher.logprobs
         if temperature != 1.0:
             raise ValueError(
                 "a TopK teacher needs temperature=1.0: its log-probs cannot be re-tempered without the "

@@ -262,6 +262,9 @@ def chunked_divergence(
     if chunk_size < 1:
         raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
     if isinstance(teacher, TopK):
+        if teacher.sampled:
+            raise ValueError("the chunked path does not use a TopK's tail samples; call the dense divergence "
+                             "(lmdistill.losses.fkl) for a teacher with tail samples")
         if teacher.ids.shape[:-1] != mask.shape or teacher.logprobs.shape != teacher.ids.shape:
             raise ValueError(f"TopK ids/logprobs must be mask {tuple(mask.shape)} + (k,)")
         k = teacher.ids.shape[-1]

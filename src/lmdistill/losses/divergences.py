@@ -151,17 +151,35 @@ def _token_divergence(
         raise TypeError(f"mask must be a bool tensor, got {mask.dtype}")
     if mask.shape != student_logits.shape[:-1]:
         raise ValueError(f"mask {tuple(mask.shape)} must be student_logits {tuple(student_logits.shape)} without V")
+    compute = _fkl_sampled_tail if kernel is _fkl and isinstance(teacher, TopK) and teacher.sampled else None
+    if compute is None:
+        def compute(s: Tensor, t: Teacher) -> Tensor:
+            return kernel(*log_distributions(s, t, temperature=temperature), **params)
     if bool(mask.all()):
-        values = kernel(*log_distributions(student_logits, teacher, temperature=temperature), **params)
+        values = compute(student_logits, teacher)
     else:
         # Only the unmasked positions are computed: padding costs nothing and cannot leak NaN.
-        if isinstance(teacher, TopK):
-            teacher_sel: Teacher = TopK(teacher.ids[mask], teacher.logprobs[mask])
-        else:
-            teacher_sel = teacher[mask]
-        selected = kernel(*log_distributions(student_logits[mask], teacher_sel, temperature=temperature), **params)
+        teacher_sel = teacher.select(mask) if isinstance(teacher, TopK) else teacher[mask]
+        selected = compute(student_logits[mask], teacher_sel)
         values = selected.new_zeros(mask.shape).index_put((mask,), selected)
     return masked_reduce(values, mask, reduction)
+
+
+def _fkl_sampled_tail(student_logits: Tensor, teacher: TopK) -> Tensor:
+    """KL(q‖s) per position (...) from a top-k teacher with tail samples (``TopK`` docstring).
+
+    Σ_k q·(log q − log s) over the top k, plus the tail term tail_plogp − (tail/n)·Σ_i log s(v_i).
+    An unbiased estimate (value and gradient) of the full-vocabulary KL; not clamped at 0, which
+    would bias it.
+    """
+    student_logp, teacher_logp = log_distributions(student_logits, teacher)  # (..., k+1), tail bucket last
+    q_head = teacher_logp[..., :-1].exp()
+    diff = (teacher_logp[..., :-1] - student_logp[..., :-1]).masked_fill(q_head == 0, 0.0)
+    head = (q_head * diff).sum(-1)
+    s = student_logits.to(student_logp.dtype)
+    tail_s = s.gather(-1, teacher.tail_ids) - torch.logsumexp(s, dim=-1, keepdim=True)  # (..., n)
+    tail_q = teacher_logp[..., -1].exp()
+    return head + teacher.tail_plogp.to(head.dtype) - tail_q * tail_s.mean(-1)
 
 
 _DOC_ARGS = """
@@ -169,7 +187,8 @@ _DOC_ARGS = """
         student_logits: (B, T, V) student logits (any float dtype; computed in float32 at least).
         teacher: (B, T, V) teacher logits, or ``TopK(ids, logprobs)`` with (B, T, k) each; a
             top-k teacher is compared on the k ids plus one tail bucket holding the remaining
-            mass of each side (see ``log_distributions``; it requires ``temperature=1``).
+            mass of each side (see ``log_distributions``; it requires ``temperature=1``). ``fkl``
+            uses a TopK's tail samples when it has them (unbiased; see ``TopK``).
         mask: (B, T) bool, True on the positions that count (response tokens).
         temperature: τ; both models' logits are divided by τ before the softmax.
         per_token: return the (B, T) values (0 at masked positions) instead of the mean.

@@ -9,7 +9,7 @@ import torch
 from lmdistill.config import MethodConfig
 from lmdistill.data.rows import DataError
 from lmdistill.data.tokenize import response_token_count
-from lmdistill.losses import LOSSES
+from lmdistill.losses import LOSSES, TopK
 from lmdistill.methods.base import Batch, Method, missing_field, register
 from lmdistill.methods.common import prediction_mask, student_logits, teacher_outputs, teacher_signal
 from lmdistill.methods.distill import divergence_params
@@ -153,7 +153,7 @@ class Context(Method):
         s_mask, t_mask = prediction_mask(labels), prediction_mask(batch["teacher_labels"])
         s_sel = logits[s_mask].unsqueeze(0)  # (1, N, V)
         t_sel = (teacher[t_mask].unsqueeze(0) if isinstance(teacher, torch.Tensor)
-                 else type(teacher)(teacher.ids[t_mask].unsqueeze(0), teacher.logprobs[t_mask].unsqueeze(0)))
+                 else TopK(*(None if x is None else x.unsqueeze(0) for x in teacher.select(t_mask))))
         ones = torch.ones(s_sel.shape[:2], dtype=torch.bool, device=logits.device)
         cfg = self.cfg
         div = LOSSES[cfg.divergence](s_sel, t_sel, ones, reduction="sum",

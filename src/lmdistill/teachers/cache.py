@@ -29,6 +29,15 @@ Tensors of a shard of R rows and N cached positions (``k`` = ``teacher.k``, 64 w
                                      the rounded top-k)
     target_logprob  (N,)             log-prob of the token that follows (for ``score``)
 
+and with ``teacher.tail_samples`` = n > 0 (:func:`lmdistill.losses.sample_tail`)::
+
+    tail_ids        (N, n) uint16 (+ tail_ids_hi)  n systematic samples from the teacher's tail
+    tail_plogp      (N,) float32     Σ_tail q·log q, exact
+
+With them the cached ``fkl`` is an unbiased estimate of the full-vocabulary value instead of a
+tail-bucket lower bound (measured on SmolLM2: ``scripts/measure_teacher_cache.py``). The samples are
+drawn with a generator seeded from the shard's row keys, so a resumed build writes the same bytes.
+
 At k = 64 with V ≤ 65,536 and float16 that is 4·64 + 4 = 260 bytes per position, plus 28 bytes
 per row and each shard's header (measured: 265.6 bytes per token with SmolLM2 on math rows). A
 reader shifts each position's k log-probs by one constant so that their mass is exactly
@@ -62,7 +71,7 @@ from transformers import PreTrainedTokenizerBase
 
 from lmdistill.config import ConfigError, RunConfig
 from lmdistill.io import atomic_write_bytes, atomic_write_json
-from lmdistill.losses import TopK
+from lmdistill.losses import TopK, sample_tail
 from lmdistill.losses._common import log1mexp
 from lmdistill.teachers.base import Capability, CapabilityError
 from lmdistill.teachers.local import TokenizerMismatch
@@ -111,11 +120,11 @@ def id_encoding(vocab_size: int) -> str:
     return "int32"
 
 
-def encode_ids(ids: torch.Tensor, encoding: str) -> dict[str, torch.Tensor]:
-    """(N, k) int64 ids → the tensors that store them (see the module docstring)."""
+def encode_ids(ids: torch.Tensor, encoding: str, name: str = "ids") -> dict[str, torch.Tensor]:
+    """(N, k) int64 ids → the tensors that store them, `name` and `name`_hi (see the module docstring)."""
     if encoding == "int32":
-        return {"ids": ids.to(torch.int32)}
-    out = {"ids": (ids & 0xFFFF).to(torch.uint16)}
+        return {name: ids.to(torch.int32)}
+    out = {name: (ids & 0xFFFF).to(torch.uint16)}
     if encoding != "uint16":
         bits = int(encoding.removeprefix("uint16+hi"))
         per_byte = 8 // bits
@@ -123,19 +132,19 @@ def encode_ids(ids: torch.Tensor, encoding: str) -> dict[str, torch.Tensor]:
         pad = (-hi.shape[1]) % per_byte
         hi = torch.nn.functional.pad(hi, (0, pad)).view(hi.shape[0], -1, per_byte)  # (N, ⌈k/per⌉, per)
         shifts = torch.arange(per_byte) * bits
-        out["ids_hi"] = (hi << shifts).sum(-1).to(torch.uint8)
+        out[f"{name}_hi"] = (hi << shifts).sum(-1).to(torch.uint8)
     return out
 
 
-def decode_ids(parts: dict[str, torch.Tensor], k: int, encoding: str) -> torch.Tensor:
+def decode_ids(parts: dict[str, torch.Tensor], k: int, encoding: str, name: str = "ids") -> torch.Tensor:
     """Inverse of :func:`encode_ids`: (N, k) int64 ids."""
-    ids = parts["ids"].to(torch.int64)
+    ids = parts[name].to(torch.int64)
     if encoding in ("int32", "uint16"):
         return ids
     bits = int(encoding.removeprefix("uint16+hi"))
     per_byte = 8 // bits
     shifts = torch.arange(per_byte) * bits
-    hi = (parts["ids_hi"].to(torch.int64).unsqueeze(-1) >> shifts) & ((1 << bits) - 1)  # (N, ⌈k/per⌉, per)
+    hi = (parts[f"{name}_hi"].to(torch.int64).unsqueeze(-1) >> shifts) & ((1 << bits) - 1)  # (N, ⌈k/per⌉, per)
     return ids | (hi.flatten(1)[:, :k] << 16)
 
 
@@ -250,12 +259,13 @@ def _check_settings(directory: Path, settings: dict) -> None:
 
 @torch.no_grad()
 def _compute_shard(teacher, rows: list[_Row], k: int, pad_id: int, batch_size: int, device: torch.device,
-                   bar=None) -> tuple[dict[str, torch.Tensor], int]:
-    """The teacher's top-k over one shard's rows: (tensors of the shard, tokens fed to the teacher)."""
+                   bar=None, tail_samples: int = 0, seed: int = 0) -> tuple[dict[str, torch.Tensor], int]:
+    """The teacher's top-k (and tail samples) over one shard's rows: (tensors of the shard, tokens fed)."""
     from lmdistill.data.tokenize import Encoded, collate
     from lmdistill.methods.common import prediction_mask
 
     per_row: list[tuple[torch.Tensor, ...] | None] = [None] * len(rows)
+    generator = torch.Generator(device=device).manual_seed(seed) if tail_samples else None
     fed = 0
     order = sorted(range(len(rows)), key=lambda i: len(rows[i].input_ids))  # similar lengths: less padding
     for a in range(0, len(order), batch_size):
@@ -266,18 +276,25 @@ def _compute_shard(teacher, rows: list[_Row], k: int, pad_id: int, batch_size: i
         fed += int(am.sum())
         mask = prediction_mask(batch["labels"]).to(device)  # (B, T): the rows' cached positions
         logp = torch.log_softmax(teacher.logits(ids, am)[mask].float(), dim=-1)  # (N_b, V)
-        top_lp, top_ids = logp.topk(k, dim=-1)  # (N_b, k), best first
+        columns: list[torch.Tensor] = []
+        if tail_samples:  # 256 positions at a time: sorting (N_b, V) costs several times its size
+            parts = [sample_tail(chunk, k, tail_samples, generator) for chunk in logp.split(256)]
+            top_ids, top_lp = torch.cat([p.ids for p in parts]), torch.cat([p.logprobs for p in parts])
+            columns = [torch.cat([p.tail_ids for p in parts]), torch.cat([p.tail_plogp for p in parts])]
+        else:
+            top_lp, top_ids = logp.topk(k, dim=-1)  # (N_b, k), best first
         log_tail = logp.scatter(-1, top_ids, -math.inf).logsumexp(-1)  # (N_b,): exact, not 1 − Σ rounded
         nxt = torch.roll(ids, -1, dims=1)[mask]  # (N_b,) the token each position predicts
         target = logp.gather(-1, nxt.unsqueeze(-1)).squeeze(-1)
         counts = mask.sum(1).tolist()
-        parts = [t.split(counts) for t in (top_ids.cpu(), top_lp.cpu(), log_tail.cpu(), target.cpu())]
+        parts = [t.split(counts) for t in (top_ids.cpu(), top_lp.cpu(), log_tail.cpu(), target.cpu(),
+                                           *(c.cpu() for c in columns))]
         for j, i in enumerate(idx):
             per_row[i] = tuple(p[j] for p in parts)
             assert per_row[i][0].shape[0] == rows[i].n
         if bar is not None:
             bar.update(len(idx))
-    cat = [torch.cat([r[c] for r in per_row]) for c in range(4)]  # type: ignore[index]
+    cat = [torch.cat([r[c] for r in per_row]) for c in range(len(per_row[0]))]  # type: ignore[index, arg-type]
     offsets = torch.tensor([0] + [r.n for r in rows]).cumsum(0)
     tensors = {
         "row_hash": torch.frombuffer(bytearray(b"".join(r.key for r in rows)), dtype=torch.uint8).view(len(rows), 16),
@@ -288,6 +305,8 @@ def _compute_shard(teacher, rows: list[_Row], k: int, pad_id: int, batch_size: i
         "log_tail": cat[2],
         "target_logprob": cat[3],
     }
+    if tail_samples:
+        tensors["tail_ids"], tensors["tail_plogp"] = cat[4], cat[5]
     return tensors, fed
 
 
@@ -318,8 +337,13 @@ def build_cache(cfg: RunConfig, *, batch_size: int = 16, stop_after_shards: int 
     vocab = len(tokenizer)
     if k > vocab:
         raise ConfigError(f"teacher.k={k} exceeds the vocabulary ({vocab} tokens)")
+    if t.tail_samples and k >= vocab:
+        raise ConfigError(f"teacher.tail_samples={t.tail_samples} needs teacher.k below the vocabulary ({vocab}): "
+                          "with k = V there is no tail to sample")
     settings = {"format": FORMAT, "version": VERSION, "k": k, "vocab_size": vocab, "dtype": t.cache_dtype,
                 "ids": id_encoding(vocab), "tokenizer_sha256": tokenizer_fingerprint(tokenizer), "teacher": t.model.path}
+    if t.tail_samples:  # only when used, so caches built before the option still match their settings
+        settings["tail_samples"] = t.tail_samples
     _check_settings(directory, settings)
     directory.mkdir(parents=True, exist_ok=True)
 
@@ -339,15 +363,20 @@ def build_cache(cfg: RunConfig, *, batch_size: int = 16, stop_after_shards: int 
         if teacher_obj is None:
             teacher_obj = load_teacher(dataclasses.replace(t, kind="local"), tokenizer, device)
         t0 = time.perf_counter()
-        tensors, n_fed = _compute_shard(teacher_obj, shard, k, tokenizer.pad_token_id, batch_size, device, bar)
+        name = _shard_name(i, shard)
+        seed = int(name.rsplit("-", 1)[1].split(".")[0], 16)  # from the shard's row keys: a rerun samples the same
+        tensors, n_fed = _compute_shard(teacher_obj, shard, k, tokenizer.pad_token_id, batch_size, device, bar,
+                                        tail_samples=t.tail_samples, seed=seed)
         teacher_seconds += time.perf_counter() - t0
         fed += n_fed
         tensors.update(encode_ids(tensors["ids"], settings["ids"]))
+        if t.tail_samples:
+            tensors.update(encode_ids(tensors["tail_ids"], settings["ids"], "tail_ids"))
         tensors["logprobs"] = tensors["logprobs"].to(_DTYPES[t.cache_dtype])
         tensors["log_tail"] = tensors["log_tail"].to(_DTYPES[t.cache_dtype])
         tensors["target_logprob"] = tensors["target_logprob"].to(_DTYPES[t.cache_dtype])
         meta = {"format": FORMAT, "version": str(VERSION), "k": str(k), "rows": str(len(shard))}
-        atomic_write_bytes(directory / _shard_name(i, shard), save_safetensors(tensors, metadata=meta))
+        atomic_write_bytes(directory / name, save_safetensors(tensors, metadata=meta))
         done[i] = True
         computed += 1
         _write_index(directory, settings, shards, done, teacher_params=getattr(teacher_obj, "n_params", 0))
@@ -417,6 +446,7 @@ class CachedTeacher:
             raise CacheError(f"{index_path} is not a version-{VERSION} {FORMAT} index; rebuild it: {_HOW_TO_BUILD}")
         self.index = index
         self.k: int = index["k"]
+        self.tail_samples: int = index.get("tail_samples", 0)
         self.vocab_size: int = index["vocab_size"]
         self.encoding: str = index["ids"]
         self.name = f"cache:{self.directory}"
@@ -444,7 +474,7 @@ class CachedTeacher:
                 self._rows[keys[r].tobytes()] = (si, r)
 
     def __repr__(self) -> str:
-        return f"CachedTeacher({str(self.directory)!r}, k={self.k}, rows={len(self._rows)}, vocab={self.vocab_size})"
+        return f"CachedTeacher({str(self.directory)!r}, k={self.k}, tail_samples={self.tail_samples}, rows={len(self._rows)}, vocab={self.vocab_size})"
 
     def check_tokenizer(self, tokenizer: PreTrainedTokenizerBase) -> None:
         """Raise :class:`TokenizerMismatch` unless `tokenizer` is the one the cache was built with."""
@@ -479,9 +509,7 @@ class CachedTeacher:
         `k` the first k are returned and the rest is tail.
         """
         k = self.k if k is None else k
-        if not 1 <= k <= self.k:
-            raise ValueError(f"the top-k cache {self.directory} holds k={self.k} log-probs per position; asked for "
-                             f"k={k} (set teacher.k to a value from 1 to {self.k})")
+        self._check_k(k)
         key = row_key(input_ids)
         where = self._rows.get(key)
         if where is None:
@@ -502,7 +530,22 @@ class CachedTeacher:
         shift = torch.where(torch.isfinite(head), head - lps.logsumexp(-1), 0.0)
         lps = lps + shift.unsqueeze(-1)
         target = f.get_slice("target_logprob")[a:b].float()
-        return self._starts[si][r], TopK(ids=ids[:, :k].contiguous(), logprobs=lps[:, :k].contiguous()), target
+        top = TopK(ids=ids[:, :k].contiguous(), logprobs=lps[:, :k].contiguous())
+        if self.tail_samples:
+            tail = {"tail_ids": f.get_slice("tail_ids")[a:b]}
+            if self.encoding.startswith("uint16+"):
+                tail["tail_ids_hi"] = f.get_slice("tail_ids_hi")[a:b]
+            top = top._replace(tail_ids=decode_ids(tail, self.tail_samples, self.encoding, "tail_ids"),
+                               tail_plogp=f.get_slice("tail_plogp")[a:b].float())
+        return self._starts[si][r], top, target
+
+    def _check_k(self, k: int) -> None:
+        if not 1 <= k <= self.k:
+            raise ValueError(f"the top-k cache {self.directory} holds k={self.k} log-probs per position; asked for "
+                             f"k={k} (set teacher.k to a value from 1 to {self.k})")
+        if self.tail_samples and k != self.k:
+            raise ValueError(f"the top-k cache {self.directory} holds tail samples drawn outside its top {self.k}; "
+                             f"they are only valid with all {self.k} (asked for k={k}): set teacher.k={self.k}")
 
     def _rows_of(self, input_ids: torch.Tensor, attention_mask: torch.Tensor):
         if input_ids.dim() != 2 or input_ids.shape != attention_mask.shape:
@@ -516,17 +559,23 @@ class CachedTeacher:
 
         input_ids, attention_mask: (B, T), any padding side. Raises :class:`CacheMiss` for a row not cached.
         """
-        if not 1 <= k <= self.k:
-            raise ValueError(f"the top-k cache {self.directory} holds k={self.k} log-probs per position; asked for "
-                             f"k={k} (set teacher.k to a value from 1 to {self.k})")
+        self._check_k(k)
         B, T = input_ids.shape
         ids = torch.arange(k).expand(B, T, k).clone()  # (B, T, k) filler
         lps = torch.full((B, T, k), -math.log(self.vocab_size))  # (B, T, k)
+        n = self.tail_samples
+        tail_ids = torch.zeros(B, T, n, dtype=torch.int64)  # (B, T, n) filler
+        tail_plogp = torch.zeros(B, T)
         for b, where, row in self._rows_of(input_ids.cpu(), attention_mask.cpu()):
             start, top, _ = self.lookup(row, k)
             pos = where[start : start + top.ids.shape[0]]
             ids[b, pos], lps[b, pos] = top.ids, top.logprobs
-        return TopK(ids=ids.to(input_ids.device), logprobs=lps.to(input_ids.device))
+            if n:
+                tail_ids[b, pos], tail_plogp[b, pos] = top.tail_ids, top.tail_plogp
+        out = TopK(ids=ids, logprobs=lps)
+        if n:
+            out = out._replace(tail_ids=tail_ids, tail_plogp=tail_plogp)
+        return TopK(*(x.to(input_ids.device) if x is not None else None for x in out))
 
     def score(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         """(B, T) log-prob of each token given its prefix at the cached (response) tokens; the first token
