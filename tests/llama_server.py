@@ -136,6 +136,12 @@ class ScriptedServer:
                     outer.max_in_flight = max(outer.max_in_flight, outer.in_flight)
                 try:
                     status, reply, extra = handle(self, body)
+                finally:
+                    # Counted as done before the reply goes out: once the client has read it, it may send
+                    # its next request before this thread would run again.
+                    with lock:
+                        outer.in_flight -= 1
+                try:
                     data = json.dumps(reply).encode()
                     self.send_response(status)
                     self.send_header("Content-Type", "application/json")
@@ -146,9 +152,6 @@ class ScriptedServer:
                     self.wfile.write(data)
                 except (BrokenPipeError, ConnectionResetError):
                     pass  # the client gave up (timeout test)
-                finally:
-                    with lock:
-                        outer.in_flight -= 1
 
             do_GET = do_POST = _serve
 
