@@ -46,6 +46,9 @@ def test_plan_builds_every_config_before_running(config, tmp_path):
     assert [r.name for r in runs] == ["method=kd__seed=1", "method=kd__seed=2", "method=sft__seed=1", "method=sft__seed=2"]
     assert [(r.cfg.method.name, r.cfg.train.seed, r.cfg.train.lr) for r in runs][1] == ("kd", 2, 1e-2)
     assert runs[3].cfg.run_dir == tmp_path / "sw" / "method=sft__seed=2" and runs[3].cfg.name == "tiny__method=sft__seed=2"
+    # Overrides apply in command-line order: a method's own option after a method axis is valid for each.
+    _, runs = plan(config, ["method.name=gkd,minillm", "method.max_new_tokens=7", "seed=1"], tmp_path / "sw")
+    assert [(r.cfg.method.name, r.cfg.method.max_new_tokens) for r in runs] == [("gkd", 7), ("minillm", 7)]
     # A bad value anywhere in the grid stops the sweep before the first run.
     with pytest.raises(ConfigError, match="train.lr"):
         plan(config, ["seed=1,2", "train.lr=1e-3,fast"], tmp_path / "sw")

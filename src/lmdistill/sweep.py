@@ -113,18 +113,24 @@ def run_name(varied: dict[str, str]) -> str:
 def plan(config: str | Path | None, args: list[str], out_dir: str | Path | None = None) -> tuple[Path, list[SweepRun]]:
     """(sweep directory, runs) of a sweep; every config is built and validated before anything runs."""
     fixed, axes = parse_grid(args)
-    base = load_config(config, fixed)
+    fixed_values = dict(item.split("=", 1) for item in fixed)
+    keys = [ALIASES.get(a.split("=", 1)[0].strip(), a.split("=", 1)[0].strip()) for a in args]
+
+    def overrides_for(varied: dict[str, str]) -> list[str]:
+        # Command-line order: `method.name=a,b method.max_new_tokens=12` sets the method before its option.
+        return [f"{k}={varied[k] if k in varied else fixed_values[k]}" for k in keys]
+
+    combos = [dict(zip(axes, combo)) for combo in itertools.product(*axes.values())] if axes else [{}]
+    base = load_config(config, overrides_for(combos[0]))
     root = Path(out_dir) if out_dir is not None else base.run_dir
     runs: list[SweepRun] = []
     names: set[str] = set()
-    for combo in itertools.product(*axes.values()) if axes else [()]:
-        varied = dict(zip(axes, combo))
+    for varied in combos:
         name = run_name(varied)
         if name in names:
             raise ConfigError(f"two grid points get the same directory name {name!r}; use values that differ in their names")
         names.add(name)
-        overrides = fixed + [f"{k}={v}" for k, v in varied.items()]
-        overrides += [f"name={base.name}__{name}", f"output_dir={root / name}"]
+        overrides = overrides_for(varied) + [f"name={base.name}__{name}", f"output_dir={root / name}"]
         runs.append(SweepRun(name=name, varied=varied, cfg=load_config(config, overrides)))
     return root, runs
 
