@@ -537,13 +537,16 @@ def plot_curves(rows: Sequence[Row], key_of: Callable[[list[Run]], tuple[str, st
         metric, ylabel = key
         spans = []
         scale = 100.0 if metric in PERCENT_METRICS else 1.0
-        for r in mine:
+        # Past the 10 default colours, line styles keep every curve distinguishable.
+        styles = ["-", "--", ":", "-."]
+        for j, r in enumerate(mine):
             xs, ys, ss = curve(r.runs, metric)
             if not xs:
                 continue
             ys, ss = [y * scale for y in ys], [x * scale for x in ss]
             n = len(r.runs)
-            (line,) = ax.plot(xs, ys, marker="o", markersize=3, label=f"{r.label} ({n} seed{'s' if n > 1 else ''})")
+            (line,) = ax.plot(xs, ys, marker="o", markersize=3, linestyle=styles[(j // 10) % len(styles)],
+                              label=f"{r.label} ({n} seed{'s' if n > 1 else ''})")
             if n > 1:
                 ax.fill_between(xs, [y - s for y, s in zip(ys, ss)], [y + s for y, s in zip(ys, ss)],
                                 color=line.get_color(), alpha=0.2, linewidth=0)
