@@ -8,7 +8,7 @@ line and the field.
 from __future__ import annotations
 
 import json
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -55,24 +55,32 @@ def normalize_row(row: Any, where: str) -> dict:
     return out
 
 
-def read_jsonl(path: str | Path) -> list[dict]:
-    """Rows of a JSONL file, normalised; ids default to ``<file stem>-<line>``."""
+def jsonl_lines(path: str | Path, what: str = "data file") -> Iterator[tuple[str, int, Any]]:
+    """(``file:line``, line number, parsed JSON) for each non-blank line of a JSONL file.
+
+    A missing file ("no such `what`") or a line that is not JSON is a DataError naming it."""
     path = Path(path)
     if not path.exists():
-        raise DataError(f"{path}: no such data file")
-    rows = []
+        raise DataError(f"{path}: no such {what}")
     with path.open(encoding="utf-8") as f:
         for lineno, line in enumerate(f, 1):
             if not line.strip():
                 continue
             where = f"{path}:{lineno}"
             try:
-                raw = json.loads(line)
+                yield where, lineno, json.loads(line)
             except json.JSONDecodeError as e:
                 raise DataError(f"{where}: invalid JSON ({e.msg} at column {e.colno})") from None
-            row = normalize_row(raw, where)
-            row.setdefault("id", f"{path.stem}-{lineno}")
-            rows.append(row)
+
+
+def read_jsonl(path: str | Path) -> list[dict]:
+    """Rows of a JSONL file, normalised; ids default to ``<file stem>-<line>``."""
+    path = Path(path)
+    rows = []
+    for where, lineno, raw in jsonl_lines(path):
+        row = normalize_row(raw, where)
+        row.setdefault("id", f"{path.stem}-{lineno}")
+        rows.append(row)
     if not rows:
         raise DataError(f"{path}: no rows")
     return rows

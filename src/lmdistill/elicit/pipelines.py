@@ -54,7 +54,7 @@ from typing import Any
 import torch
 
 from lmdistill.config import ConfigError, RunConfig
-from lmdistill.data.rows import DataError, check_unique_ids, normalize_row
+from lmdistill.data.rows import DataError, check_unique_ids, jsonl_lines, normalize_row
 from lmdistill.elicit.store import ElicitStore
 from lmdistill.teachers.base import Capability, Teacher, require
 
@@ -96,29 +96,19 @@ def read_inputs(path: str | Path) -> list[dict]:
     """Input rows of a JSONL file: ``prompt`` (or Dolly ``instruction`` + ``context``), optional ``id``
     (default ``<stem>-<line>``), optional gold ``response`` / ``answer``. Errors name file, line, field."""
     path = Path(path)
-    if not path.exists():
-        raise DataError(f"{path}: no such input file (elicit.input_path)")
     rows = []
-    with path.open(encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            where = f"{path}:{lineno}"
-            try:
-                raw = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise DataError(f"{where}: invalid JSON ({e.msg} at column {e.colno})") from None
-            if isinstance(raw, dict) and raw.get("response") is None:
-                # The prompt is checked (and a Dolly row joined) as for training rows; the response is optional.
-                row = normalize_row({**raw, "response": "-"}, where)
-                del row["response"]
-            else:
-                row = normalize_row(raw, where)
-            answer = row.get("answer")
-            if answer is not None and not isinstance(answer, (str, int, float)):
-                raise DataError(f"{where}: field 'answer' must be a string or a number, got {type(answer).__name__}")
-            row["id"] = str(row.get("id", f"{path.stem}-{lineno}"))
-            rows.append(row)
+    for where, lineno, raw in jsonl_lines(path, "input file (elicit.input_path)"):
+        if isinstance(raw, dict) and raw.get("response") is None:
+            # The prompt is checked (and a Dolly row joined) as for training rows; the response is optional.
+            row = normalize_row({**raw, "response": "-"}, where)
+            del row["response"]
+        else:
+            row = normalize_row(raw, where)
+        answer = row.get("answer")
+        if answer is not None and not isinstance(answer, (str, int, float)):
+            raise DataError(f"{where}: field 'answer' must be a string or a number, got {type(answer).__name__}")
+        row["id"] = str(row.get("id", f"{path.stem}-{lineno}"))
+        rows.append(row)
     if not rows:
         raise DataError(f"{path}: no rows")
     check_unique_ids(rows, str(path))
