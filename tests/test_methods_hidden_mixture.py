@@ -31,17 +31,8 @@ CPU = torch.device("cpu")
 
 @pytest.fixture(scope="module")
 def data(tmp_path_factory) -> Path:
+    """96 addition rows (seed 2); conftest's `teacher_dir` trains its teacher on them."""
     return write_addition_jsonl(tmp_path_factory.mktemp("data") / "train.jsonl", 96, seed=2)
-
-
-@pytest.fixture(scope="module")
-def teacher_dir(data, tmp_path_factory) -> Path:
-    """A 2-layer, 64-wide teacher trained by SFT for 60 steps on the addition data."""
-    out = tmp_path_factory.mktemp("teacher")
-    cfg = tiny_run_config(data, out / "run", student={"n_embd": 64, "n_head": 4},
-                          train={"steps": 60, "lr": 5e-3, "warmup_steps": 5, "log_every": 20})
-    fit(cfg, progress=False)
-    return cfg.run_dir / "model"
 
 
 @pytest.fixture(scope="module")
