@@ -18,11 +18,11 @@ import re
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import yaml
 
 from lmdistill.config import ConfigError, RunConfig, load_config, to_dict
+from lmdistill.report import flatten
 
 ALIASES = {"seed": "train.seed"}
 """Short keys accepted on the command line."""
@@ -135,22 +135,13 @@ def plan(config: str | Path | None, args: list[str], out_dir: str | Path | None 
     return root, runs
 
 
-def _flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
-    if isinstance(tree, dict):
-        out: dict[str, Any] = {}
-        for k, v in tree.items():
-            out.update(_flatten(v, f"{prefix}{k}."))
-        return out
-    return {prefix.rstrip("."): tree}
-
-
 def check_same_config(cfg: RunConfig) -> None:
     """Refuse to reuse a run directory written with a different config (keys both configs have)."""
     saved_path = cfg.run_dir / "config.yaml"
     if not saved_path.exists():
         return
-    saved = _flatten(yaml.safe_load(saved_path.read_text()) or {})
-    new = _flatten(to_dict(cfg))
+    saved = flatten(yaml.safe_load(saved_path.read_text()) or {})
+    new = flatten(to_dict(cfg))
     differ = [k for k in new if k in saved and k != "output_dir" and saved[k] != new[k]]
     if differ:
         shown = ", ".join(f"{k}: {saved[k]!r} there, {new[k]!r} now" for k in differ[:3])
