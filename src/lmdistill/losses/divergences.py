@@ -151,10 +151,11 @@ def _token_divergence(
         raise TypeError(f"mask must be a bool tensor, got {mask.dtype}")
     if mask.shape != student_logits.shape[:-1]:
         raise ValueError(f"mask {tuple(mask.shape)} must be student_logits {tuple(student_logits.shape)} without V")
-    compute = _fkl_sampled_tail if kernel is _fkl and isinstance(teacher, TopK) and teacher.sampled else None
-    if compute is None:
-        def compute(s: Tensor, t: Teacher) -> Tensor:
-            return kernel(*log_distributions(s, t, temperature=temperature), **params)
+    def compute(s: Tensor, t: Teacher) -> Tensor:
+        if kernel is _fkl and isinstance(t, TopK) and t.sampled:
+            return _fkl_sampled_tail(s, t)
+        return kernel(*log_distributions(s, t, temperature=temperature), **params)
+
     if bool(mask.all()):
         values = compute(student_logits, teacher)
     else:

@@ -223,9 +223,13 @@ def _plan_shards(rows: list[_Row], shard_tokens: int) -> list[list[_Row]]:
     return [s for s in shards if s]
 
 
+def _shard_digest(rows: list[_Row]) -> str:
+    """12 hex digits hashing a shard's row keys: in its file name, and the seed of its tail samples."""
+    return hashlib.blake2b(b"".join(r.key for r in rows), digest_size=6).hexdigest()
+
+
 def _shard_name(i: int, rows: list[_Row]) -> str:
-    digest = hashlib.blake2b(b"".join(r.key for r in rows), digest_size=6).hexdigest()
-    return f"shard-{i:05d}-{digest}.safetensors"
+    return f"shard-{i:05d}-{_shard_digest(rows)}.safetensors"
 
 
 def _shard_is_done(path: Path, rows: list[_Row]) -> bool:
@@ -363,10 +367,8 @@ def build_cache(cfg: RunConfig, *, batch_size: int = 16, stop_after_shards: int 
         if teacher_obj is None:
             teacher_obj = load_teacher(dataclasses.replace(t, kind="local"), tokenizer, device)
         t0 = time.perf_counter()
-        name = _shard_name(i, shard)
-        seed = int(name.rsplit("-", 1)[1].split(".")[0], 16)  # from the shard's row keys: a rerun samples the same
         tensors, n_fed = _compute_shard(teacher_obj, shard, k, tokenizer.pad_token_id, batch_size, device, bar,
-                                        tail_samples=t.tail_samples, seed=seed)
+                                        tail_samples=t.tail_samples, seed=int(_shard_digest(shard), 16))
         teacher_seconds += time.perf_counter() - t0
         fed += n_fed
         tensors.update(encode_ids(tensors["ids"], settings["ids"]))
@@ -376,7 +378,7 @@ def build_cache(cfg: RunConfig, *, batch_size: int = 16, stop_after_shards: int 
         tensors["log_tail"] = tensors["log_tail"].to(_DTYPES[t.cache_dtype])
         tensors["target_logprob"] = tensors["target_logprob"].to(_DTYPES[t.cache_dtype])
         meta = {"format": FORMAT, "version": str(VERSION), "k": str(k), "rows": str(len(shard))}
-        atomic_write_bytes(directory / name, save_safetensors(tensors, metadata=meta))
+        atomic_write_bytes(directory / _shard_name(i, shard), save_safetensors(tensors, metadata=meta))
         done[i] = True
         computed += 1
         _write_index(directory, settings, shards, done, teacher_params=getattr(teacher_obj, "n_params", 0))
