@@ -133,6 +133,18 @@ def test_report_tables_and_figures(runs_with_teacher, tmp_path, capsys):
     assert len(runs) == 6
 
 
+def test_run_without_results_is_left_out_and_named(runs_with_teacher, tmp_path):
+    """A sweep's run that has not started yet (config.yaml only) is not counted as a seed."""
+    empty = write_run(runs_with_teacher, "sft_s2", seed=2, method={"name": "sft"}, teacher="x")
+    md = (tmp_path / "report" / "report.md")
+    assert main(["report", str(runs_with_teacher), "-o", str(md.parent)]) == 0
+    text = md.read_text()
+    assert table_rows(text, "## Results")[3][:6] == ["sft", "1.000M", "15.0", "0.0", "0.0", "1"]
+    assert f"Left out, with no results yet (not started or stopped before its first log): {empty}." in text
+    with pytest.raises(ReportError, match="no results yet in .*sft_s2"):
+        write_report([empty], tmp_path / "other")
+
+
 def test_teacher_row_from_students_records_one_per_seed(tmp_path):
     """No teacher run given: the teacher's numbers recorded in the students' eval.json, one per seed, per task."""
     root = tmp_path / "sweep"

@@ -595,7 +595,11 @@ def write_report(paths: Sequence[str | Path], out_dir: str | Path, *, command: s
     run_dirs = find_runs(paths)
     if not run_dirs:
         raise ReportError("no run directories given")
-    runs = [load_run(p) for p in run_dirs]
+    loaded = [load_run(p) for p in run_dirs]
+    runs = [r for r in loaded if r.metrics or r.eval or r.summary]
+    empty = [str(r.path) for r in loaded if not (r.metrics or r.eval or r.summary)]
+    if not runs:
+        raise ReportError(f"no results yet in {', '.join(empty)} (no metrics.jsonl, eval.json or train_summary.json)")
     rows = organize(runs)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -609,6 +613,10 @@ def write_report(paths: Sequence[str | Path], out_dir: str | Path, *, command: s
         "ROUGE-L, exact match (EM) and accuracy are percentages of held-out prompts; the first decoding in "
         "`eval.decoding` (usually greedy).",
         "",
+    ]
+    if empty:
+        md += [f"Left out, with no results yet (not started or stopped before its first log): {', '.join(empty)}.", ""]
+    md += [
         "## Held-out loss and accuracy against training compute",
         "",
         "Measured on the held-out data during training, whatever the method's own objective: cross-entropy "
