@@ -212,6 +212,13 @@ def test_other_settings_in_the_same_directory_are_refused(data, teacher_dir, tmp
     build_cache(config(data, tmp_path, teacher_dir, k=4), progress=False)
     with pytest.raises(CacheError, match=r"other settings \(k: cache 4, config 8\).*delete this one"):
         build_cache(config(data, tmp_path, teacher_dir, k=8), progress=False)
+    # A teacher prefix changes every log-prob: a cache built without it (or with another) is refused both ways.
+    with pytest.raises(CacheError, match=r"other settings \(prefix_sha256: cache None"):
+        build_cache(config(data, tmp_path, teacher_dir, k=4, prefix="1+1=2\n"), progress=False)
+    with_prefix = tmp_path / "with_prefix"
+    build_cache(config(data, with_prefix, teacher_dir, k=4, prefix="1+1=2\n"), progress=False)
+    with pytest.raises(CacheError, match=r"prefix_sha256: cache '[0-9a-f]{64}', config none"):
+        build_cache(config(data, with_prefix, teacher_dir, k=4), progress=False)
 
 
 # --------------------------------------------------------------------------- size

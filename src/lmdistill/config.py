@@ -87,6 +87,8 @@ class TeacherConfig:
     """Use only the teacher's top-k log-probs (plus a tail bucket) per position; 0 = every logit (a top-k-only teacher then gives 64). Also the k a cache is built with (0: 64)."""
     tail_samples: int = 0
     """cache-teacher: also store this many systematic samples per position from the teacher's distribution outside its top k, plus its exact tail term, so the cached `fkl` (value and gradient) is unbiased instead of a tail-bucket lower bound (2 bytes per sample and position; e.g. k=32 + 64 samples ≈ 270 bytes per token, about as much as k=64). Other divergences use the tail bucket."""
+    prefix: str | None = None
+    """Text a local teacher (kind=local, and cache-teacher) sees before every sequence and the student does not, e.g. few-shot demonstrations that fix the answer format (its keys and values are computed once). Written as the model sees text: with a chat model, whole turns in its template."""
     cache: str | None = None
     """Top-k cache directory: written by `lmdistill cache-teacher`, read when kind=cache."""
     cache_dtype: Literal["float16", "float32"] = "float16"
@@ -116,6 +118,8 @@ class TeacherConfig:
         if self.kind == "mixture" and not sum(m.weight for m in self.mixture) > 0:
             raise ValueError("teacher.kind=mixture needs teacher.mixture: a list of {path, weight} with weights "
                              "summing to more than 0")
+        if self.prefix and self.kind not in ("local", "cache"):
+            raise ValueError(f"teacher.prefix is for a local teacher (and cache-teacher), not teacher.kind={self.kind}")
         if self.mixture and self.kind == "none":
             raise ValueError("teacher.mixture is set but teacher.kind=none; set teacher.kind=mixture")
 

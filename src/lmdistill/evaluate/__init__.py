@@ -82,17 +82,20 @@ def generate_timed(
     do_sample: bool = False,
     temperature: float = 1.0,
     top_p: float = 1.0,
+    prefix_ids: Sequence[int] = (),
 ) -> Generations:
     """Responses to `prompts` (rendered as in training), batched with left padding and a KV cache.
 
     Sampling draws from the global torch generator (seed it for reproducible samples). The model's
-    train/eval mode is restored afterwards.
+    train/eval mode is restored afterwards. `prefix_ids` go before every rendered prompt (a teacher's
+    `teacher.prefix`).
     """
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
     rendered = [
-        tokenizer(render_prompt(tokenizer, p, system_prompt), add_special_tokens=False)["input_ids"] for p in prompts
+        list(prefix_ids) + tokenizer(render_prompt(tokenizer, p, system_prompt), add_special_tokens=False)["input_ids"]
+        for p in prompts
     ]
     kwargs = dict(do_sample=True, temperature=temperature, top_p=top_p, top_k=0) if do_sample else dict(do_sample=False)
     texts: list[str] = []
@@ -132,11 +135,12 @@ def generate(
     do_sample: bool = False,
     temperature: float = 1.0,
     top_p: float = 1.0,
+    prefix_ids: Sequence[int] = (),
 ) -> list[str]:
     """Responses to `prompts` (rendered as in training), batched with left padding and a KV cache."""
     return generate_timed(
         model, tokenizer, prompts, max_new_tokens=max_new_tokens, batch_size=batch_size, system_prompt=system_prompt,
-        do_sample=do_sample, temperature=temperature, top_p=top_p,
+        do_sample=do_sample, temperature=temperature, top_p=top_p, prefix_ids=prefix_ids,
     ).texts
 
 
@@ -302,14 +306,17 @@ def _params(model: torch.nn.Module) -> dict:
 def _decode_all(
     model: PreTrainedModel | None, tokenizer: PreTrainedTokenizerBase | None, rows: Sequence[dict], cfg: RunConfig,
     *, text_generate: Callable | None = None, count_tokens: Callable[[str], int] | None = None,
+    prefix_ids: Sequence[int] = (),
 ) -> dict:
-    """Metrics of every configured decoding (greedy, sample), by a local model or a text-only teacher."""
+    """Metrics of every configured decoding (greedy, sample), by a local model (seeing `prefix_ids` before each
+    prompt) or a text-only teacher."""
     e = cfg.eval
     prompts = [r["prompt"] for r in rows]
     references = [r["response"] for r in rows]
     out: dict = {}
     if model is not None:  # warm-up, so that lazy initialisation is not timed
-        generate_timed(model, tokenizer, prompts[:1], max_new_tokens=2, system_prompt=cfg.data.system_prompt)
+        generate_timed(model, tokenizer, prompts[:1], max_new_tokens=2, system_prompt=cfg.data.system_prompt,
+                       prefix_ids=prefix_ids)
     for decoding in e.decoding:
         sample = decoding == "sample"
         with torch.random.fork_rng(devices=[]):
@@ -319,7 +326,7 @@ def _decode_all(
             if model is not None:
                 gen = generate_timed(model, tokenizer, prompts, max_new_tokens=e.max_new_tokens, batch_size=e.batch_size,
                                      system_prompt=cfg.data.system_prompt, do_sample=sample, temperature=e.temperature,
-                                     top_p=e.top_p)
+                                     top_p=e.top_p, prefix_ids=prefix_ids)
             else:
                 assert text_generate is not None and count_tokens is not None
                 t0 = time.perf_counter()
@@ -368,10 +375,13 @@ def evaluate_teacher(teacher, tokenizer: PreTrainedTokenizerBase, rows: Sequence
         e = cfg.eval
         enc = encode_rows(teacher.tokenizer, list(rows)[: e.max_eval_rows], max_length=cfg.data.max_length,
                           truncation="response", system_prompt=cfg.data.system_prompt)
+        if teacher.prefix_ids:  # the teacher's view: its prefix before every row
+            enc = [Encoded(teacher.prefix_ids + x.input_ids, len(teacher.prefix_ids) + x.n_prompt, x.id) for x in enc]
         m = heldout_stats(teacher.model, enc, teacher.tokenizer.pad_token_id, batch_size=e.batch_size,
                           n_bins=e.ece_bins).metrics()
         out.update(heldout_ce=m["ce"], token_acc=m["token_acc"], ece=m["ece"])
-        decodings = _decode_all(teacher.model, teacher.tokenizer, sample, cfg) if sample else {}
+        decodings = (_decode_all(teacher.model, teacher.tokenizer, sample, cfg, prefix_ids=teacher.prefix_ids)
+                     if sample else {})
     else:  # a remote teacher: wall time of its API, lengths in the student's tokens
         from lmdistill.teachers.base import CapabilityError
 
@@ -448,7 +458,7 @@ def _load_teacher_for_eval(cfg: RunConfig, tokenizer: PreTrainedTokenizerBase, d
 
         tok = load_tokenizer(cfg.teacher.model)
         model = load_model(cfg.teacher.model, tok).to(device)
-        return LocalTeacher(model, tok, name=f"local:{cfg.teacher.model.path}"), False
+        return LocalTeacher(model, tok, name=f"local:{cfg.teacher.model.path}", prefix=cfg.teacher.prefix), False
 
 
 def _evaluate(spec: ModelConfig, cfg: RunConfig, eval_rows: Sequence[dict] | None) -> dict:

@@ -58,12 +58,14 @@ def sample_responses(
     do_sample: bool = True,
     n_params: int | None = None,
     logits_processor: LogitsProcessorList | None = None,
+    prefix_ids: list[int] | None = None,
 ) -> Batch:
     """Replace each row's response by a sample of `model` given the row's prompt (no gradient).
 
     `do_sample=False` decodes greedily (teacher outputs). `logits_processor` is handed to
     ``generate``, which applies it to the model's scores before any sampling warper (e.g.
     MiniLLM's teacher-mixed sampling); the prompts are left-padded by ``collate_prompts``.
+    `prefix_ids` (a teacher's ``teacher.prefix``) go before each prompt for generation only.
 
     Returns a right-padded batch in the training layout (input_ids, attention_mask, labels with
     the prompt masked); the response ends at EOS or after `max_new_tokens`. Counts 2·N·tokens.
@@ -76,7 +78,8 @@ def sample_responses(
     unwrapped.eval()
     lengths = prompt_lengths(batch["labels"], batch["attention_mask"])
     prompts = [row[:n].tolist() for row, n in zip(batch["input_ids"], lengths)]
-    left = {k: v.to(batch["input_ids"].device) for k, v in collate_prompts(prompts, tok.pad_token_id).items()}
+    seen = [(prefix_ids or []) + p for p in prompts]
+    left = {k: v.to(batch["input_ids"].device) for k, v in collate_prompts(seen, tok.pad_token_id).items()}
     seqs = unwrapped.generate(
         **left,
         **(dict(do_sample=True, temperature=temperature, top_p=top_p, top_k=0) if do_sample else dict(do_sample=False)),
@@ -114,7 +117,7 @@ def teacher_outputs(ctx: RunContext, batch: Batch, cache: dict[tuple[int, ...], 
     if missing:
         sub = {k: batch[k][missing] for k in ("input_ids", "attention_mask", "labels")}
         out = sample_responses(ctx.teacher.model, sub, ctx, max_new_tokens=max_new_tokens, do_sample=False,
-                               n_params=ctx.teacher_params)
+                               n_params=ctx.teacher_params, prefix_ids=getattr(ctx.teacher, "prefix_ids", None))
         for j, i in enumerate(missing):
             n = int(out["attention_mask"][j].sum())
             cache[prompts[i]] = out["input_ids"][j, len(prompts[i]) : n].tolist()

@@ -130,6 +130,9 @@ class Hidden(Method):
                 f"method 'hidden' needs the teacher's hidden states, which the {teacher.name} teacher does not give; "
                 "use a local teacher (teacher.kind=local teacher.model.path=...)"
             )
+        if getattr(teacher, "prefix_ids", None):
+            raise CapabilityError("method 'hidden' aligns the teacher's hidden states with the student's position by "
+                                  "position; leave teacher.prefix empty")
         self.layer_map: list[list[int]] = []
 
     def extra_modules(self, student: nn.Module) -> dict[str, nn.Module]:

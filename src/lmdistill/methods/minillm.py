@@ -147,6 +147,9 @@ class MiniLLM(Method):
             raise ValueError(
                 f"method minillm samples with the teacher's model; the {self.ctx.teacher.name} teacher has none"
             )
+        if getattr(self.ctx.teacher, "prefix_ids", None):
+            raise ValueError("method minillm's teacher-mixed sampling does not apply teacher.prefix; "
+                             "set method.mix_alpha=0 or leave teacher.prefix empty")
         return model
 
     def sequences(self, batch: Batch) -> Batch:

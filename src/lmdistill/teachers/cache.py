@@ -245,6 +245,10 @@ def _shard_is_done(path: Path, rows: list[_Row]) -> bool:
     return keys.numpy().tobytes() == b"".join(r.key for r in rows)
 
 
+OPTIONAL_SETTINGS = ("tail_samples", "prefix_sha256")
+"""Settings written only when their option is used (so older caches still match)."""
+
+
 def _check_settings(directory: Path, settings: dict) -> None:
     """Stop when `directory` already holds a cache built with other settings."""
     index_path = directory / INDEX
@@ -255,6 +259,7 @@ def _check_settings(directory: Path, settings: dict) -> None:
     except ValueError as e:
         raise CacheError(f"{index_path}: not valid JSON ({e}); delete the directory to rebuild the cache") from None
     differ = [f"{key}: cache {old.get(key)!r}, config {value!r}" for key, value in settings.items() if old.get(key) != value]
+    differ += [f"{key}: cache {old[key]!r}, config none" for key in OPTIONAL_SETTINGS if key in old and key not in settings]
     if differ:
         raise CacheError(
             f"{directory} holds a top-k cache built with other settings ({'; '.join(differ)}); "
@@ -348,6 +353,8 @@ def build_cache(cfg: RunConfig, *, batch_size: int = 16, stop_after_shards: int 
                 "ids": id_encoding(vocab), "tokenizer_sha256": tokenizer_fingerprint(tokenizer), "teacher": t.model.path}
     if t.tail_samples:  # only when used, so caches built before the option still match their settings
         settings["tail_samples"] = t.tail_samples
+    if t.prefix:
+        settings["prefix_sha256"] = hashlib.sha256(t.prefix.encode()).hexdigest()
     _check_settings(directory, settings)
     directory.mkdir(parents=True, exist_ok=True)
 

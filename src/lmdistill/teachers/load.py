@@ -48,7 +48,7 @@ def load_teacher(cfg: TeacherConfig, student_tokenizer: PreTrainedTokenizerBase,
     tokenizer = load_tokenizer(cfg.model)
     check_tokenizers(student_tokenizer, tokenizer)
     model = load_model(cfg.model, tokenizer).to(device)
-    return LocalTeacher(model, tokenizer, name=f"local:{cfg.model.path}")
+    return LocalTeacher(model, tokenizer, name=f"local:{cfg.model.path}", prefix=cfg.prefix)
 
 
 def check_method_teacher(method_name: str, needs: Capability | None, teacher: Teacher | None) -> None:

@@ -41,11 +41,15 @@ class LocalTeacher:
     capability = Capability.FULL
 
     def __init__(self, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, *, vocab_size: int | None = None,
-                 name: str = "local") -> None:
+                 name: str = "local", prefix: str | None = None) -> None:
         self.model = model.eval().requires_grad_(False)
         self.tokenizer = tokenizer
         self.vocab_size = vocab_size or len(tokenizer)
         self.name = name
+        self.prefix = prefix or None
+        self.prefix_ids: list[int] = tokenizer(prefix, add_special_tokens=False)["input_ids"] if prefix else []
+        """Token ids the teacher sees before every sequence (`teacher.prefix`); the outputs leave them out."""
+        self._prefix_kv: list[tuple[torch.Tensor, torch.Tensor]] | None = None
         width = model.get_output_embeddings().weight.shape[0]
         if width < self.vocab_size:
             raise ValueError(f"teacher logits have width {width}, below its vocabulary of {self.vocab_size} tokens")
@@ -58,8 +62,27 @@ class LocalTeacher:
 
     @torch.no_grad()
     def logits(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        out = self.model(input_ids=input_ids, attention_mask=attention_mask).logits
+        if self.prefix_ids:
+            out = self._prefixed_logits(input_ids, attention_mask)
+        else:
+            out = self.model(input_ids=input_ids, attention_mask=attention_mask).logits
         return out[..., : self.vocab_size]  # Qwen-style heads are padded past the tokenizer
+
+    def _prefixed_logits(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """(B, T, V) logits of prefix + each row, at the rows' positions; the prefix's keys and values are
+        computed once and shared by every call (rows are right-padded, so positions continue after it)."""
+        from transformers import DynamicCache
+
+        device = input_ids.device
+        if self._prefix_kv is None or self._prefix_kv[0][0].device != device:
+            ids = torch.tensor([self.prefix_ids], device=device)
+            cache = self.model(input_ids=ids, use_cache=True).past_key_values
+            self._prefix_kv = [(k, v) for k, v, *_ in cache]
+        B, P = input_ids.shape[0], len(self.prefix_ids)
+        cache = DynamicCache([(k.expand(B, -1, -1, -1), v.expand(B, -1, -1, -1)) for k, v in self._prefix_kv],
+                             config=self.model.config)
+        mask = torch.cat([attention_mask.new_ones(B, P), attention_mask], dim=1)
+        return self.model(input_ids=input_ids, attention_mask=mask, past_key_values=cache, use_cache=True).logits
 
     @torch.no_grad()
     def topk(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, k: int) -> TopK:
@@ -80,4 +103,5 @@ class LocalTeacher:
         from lmdistill.evaluate import generate
 
         return generate(self.model, self.tokenizer, prompts, max_new_tokens=max_new_tokens, batch_size=batch_size,
-                        system_prompt=system_prompt, do_sample=do_sample, temperature=temperature, top_p=top_p)
+                        system_prompt=system_prompt, do_sample=do_sample, temperature=temperature, top_p=top_p,
+                        prefix_ids=self.prefix_ids)
