@@ -49,6 +49,9 @@ def test_exact_match_squad_normalisation():
     assert exact_match("an answer.", "Answer")
     assert not exact_match("cats", "cat")
     assert not exact_match("", "cat")
+    # Numbers keep their sign, decimal point and fraction bar; a full stop after them still goes.
+    assert not exact_match("-25.6", "256") and not exact_match("3/4", "34") and not exact_match("-7", "7")
+    assert exact_match("-25.6.", "-25.6") and exact_match("1,000", "1000") and exact_match("x = -3!", "X = -3")
 
 
 def test_final_answer_and_accuracy():
@@ -62,9 +65,9 @@ def test_final_answer_and_accuracy():
     assert not answer_correct("3/4", "6/8")  # unreduced fractions are different answers
     assert not answer_correct("12", "-12")
     scores = text_scores(["-12", "the cat", "x"], ["12", "a cat", "y"])
-    # "-12" vs "12": ROUGE-L and EM ignore the sign (punctuation), the answer does not.
+    # "-12" vs "12": ROUGE-L ignores the sign (its tokenizer drops punctuation); EM and the answer do not.
     # "the cat" vs "a cat": EM drops articles; ROUGE-L does not (LCS "cat": P = R = 1/2).
-    assert scores == {"rouge_l": [1.0, 0.5, 0.0], "exact_match": [1.0, 1.0, 0.0], "accuracy": [0.0, 0.0, 0.0]}
+    assert scores == {"rouge_l": [1.0, 0.5, 0.0], "exact_match": [0.0, 1.0, 0.0], "accuracy": [0.0, 0.0, 0.0]}
 
 
 # --------------------------------------------------------------------------- length buckets

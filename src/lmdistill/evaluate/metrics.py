@@ -49,12 +49,16 @@ def rouge_l(prediction: str, reference: str) -> float:
 
 
 _ARTICLES = re.compile(r"\b(a|an|the)\b")
-_PUNCTUATION = str.maketrans("", "", string.punctuation)
+_NUMBER_MARKS = re.compile(r"(?<![\w.])-(?=\d)|(?<=\d)[./](?=\d)")
+"""Punctuation that is part of a number: a minus sign, a decimal point or fraction bar between digits."""
 
 
 def normalize_text(text: str) -> str:
-    """SQuAD normalisation: lower-case, punctuation removed, articles removed, whitespace collapsed."""
-    return " ".join(_ARTICLES.sub(" ", text.lower().translate(_PUNCTUATION)).split())
+    """SQuAD normalisation: lower-case, punctuation removed, articles removed, whitespace collapsed; except
+    that a number keeps its minus sign and decimal point (SQuAD's would make "-25.6" equal "256")."""
+    keep = {m.start() for m in _NUMBER_MARKS.finditer(text)}
+    text = "".join(c for i, c in enumerate(text.lower()) if i in keep or c not in string.punctuation)
+    return " ".join(_ARTICLES.sub(" ", text).split())
 
 
 def exact_match(prediction: str, reference: str) -> bool:
