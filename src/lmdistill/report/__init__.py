@@ -595,9 +595,12 @@ def write_report(paths: Sequence[str | Path], out_dir: str | Path, *, command: s
     run_dirs = find_runs(paths)
     if not run_dirs:
         raise ReportError("no run directories given")
-    loaded = [load_run(p) for p in run_dirs]
-    runs = [r for r in loaded if r.metrics or r.eval or r.summary]
-    empty = [str(r.path) for r in loaded if not (r.metrics or r.eval or r.summary)]
+    runs, empty = [], []
+    for run in map(load_run, run_dirs):
+        if run.metrics or run.eval or run.summary:
+            runs.append(run)
+        else:
+            empty.append(str(run.path))
     if not runs:
         raise ReportError(f"no results yet in {', '.join(empty)} (no metrics.jsonl, eval.json or train_summary.json)")
     rows = organize(runs)

@@ -46,7 +46,6 @@ class LocalTeacher:
         self.tokenizer = tokenizer
         self.vocab_size = vocab_size or len(tokenizer)
         self.name = name
-        self.prefix = prefix or None
         self.prefix_ids: list[int] = tokenizer(prefix, add_special_tokens=False)["input_ids"] if prefix else []
         """Token ids the teacher sees before every sequence (`teacher.prefix`); the outputs leave them out."""
         self._prefix_kv: list[tuple[torch.Tensor, torch.Tensor]] | None = None
