@@ -4,7 +4,7 @@
   each ``fn(student_logits, teacher, mask, *, temperature=1.0, per_token=False, reduction="mean", **params)``
   with a dense (B, T, V) teacher or a ``TopK`` one; registry ``LOSSES``.
 - ``chunked_divergence``: the same from the student's hidden states and head, chunk by chunk.
-- Sequence pieces: ``token_logprobs``, ``sequence_logprobs``; preference losses ``dpkd``,
+- Sequence pieces: ``token_logprobs``, ``sequence_logprobs``, ``prediction_mask``, ``response_ce_sum``; preference losses ``dpkd``,
   ``dpo``, ``ipo``, ``cpo``, ``simpo`` returning ``(loss, metrics)``.
 """
 
@@ -24,7 +24,7 @@ from .divergences import (
     tvd,
 )
 from .preference import cpo, dpkd, dpo, ipo, simpo
-from .sequence import sequence_logprobs, token_logprobs
+from .sequence import prediction_mask, response_ce_sum, sequence_logprobs, token_logprobs
 
 __all__ = [
     "KERNELS",
@@ -43,6 +43,8 @@ __all__ = [
     "jsd",
     "log_distributions",
     "masked_reduce",
+    "prediction_mask",
+    "response_ce_sum",
     "rkl",
     "sequence_logprobs",
     "simpo",

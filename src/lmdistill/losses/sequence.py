@@ -85,3 +85,20 @@ def sequence_logprobs(logits: Tensor, labels: Tensor, *, ignore_index: int = -10
     per_token = token_logprobs(logits, labels, ignore_index=ignore_index)
     n_tokens = (labels[:, 1:] != ignore_index).sum(dim=1)
     return per_token.sum(dim=1), n_tokens
+
+
+def prediction_mask(labels: Tensor, *, ignore_index: int = -100) -> Tensor:
+    """(B, T) bool: position t predicts a trained token (labels[:, t + 1] is not ignored); the last is False."""
+    mask = torch.zeros_like(labels, dtype=torch.bool)
+    mask[:, :-1] = labels[:, 1:] != ignore_index
+    return mask
+
+
+def response_ce_sum(logits: Tensor, labels: Tensor, *, ignore_index: int = -100) -> Tensor:
+    """Cross-entropy summed over trained tokens (scalar, float32). logits (B, T, V), labels (B, T).
+
+    Position t predicts labels[:, t + 1]; tokens labelled `ignore_index` (prompt, padding) are left out.
+    """
+    return torch.nn.functional.cross_entropy(
+        logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(), ignore_index=ignore_index, reduction="sum"
+    )

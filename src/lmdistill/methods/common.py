@@ -6,16 +6,9 @@ import torch
 from transformers import LogitsProcessorList, PreTrainedModel
 
 from lmdistill.data.tokenize import IGNORE_INDEX
-from lmdistill.losses import TopK
+from lmdistill.losses import TopK, prediction_mask  # noqa: F401  (re-exported until the methods move)
 from lmdistill.methods.base import Batch, RunContext
 from lmdistill.teachers import Capability
-
-
-def prediction_mask(labels: torch.Tensor) -> torch.Tensor:
-    """(B, T) bool: position t predicts a trained token (labels[:, t + 1] is not ignored); last is False."""
-    mask = torch.zeros_like(labels, dtype=torch.bool)
-    mask[:, :-1] = labels[:, 1:] != IGNORE_INDEX
-    return mask
 
 
 def student_logits(model: PreTrainedModel, batch: Batch, prefix: str = "") -> torch.Tensor:

@@ -3,17 +3,10 @@
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
-from lmdistill.data.tokenize import IGNORE_INDEX, response_token_count
+from lmdistill.data.tokenize import response_token_count
+from lmdistill.losses import response_ce_sum
 from lmdistill.methods.base import Batch, Method, register
-
-
-def response_ce_sum(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Cross-entropy summed over trained tokens. logits (B, T, V), labels (B, T); position t predicts t+1."""
-    return F.cross_entropy(
-        logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(), ignore_index=IGNORE_INDEX, reduction="sum"
-    )
 
 
 @register

@@ -1,14 +1,26 @@
 """The teacher protocol: what a backend can give, and what a method may ask of it.
 
 Capabilities nest: ``full ⊃ topk ⊃ token ⊃ text`` (DESIGN.md, "Teacher capability levels").
-A backend declares the highest level it gives; every lower one is implied.
+A backend declares the highest level it gives; every lower one is implied. Everything else a
+method may need is declared too, as plain attributes every backend sets (no ``getattr`` probes):
+
+- ``weights``: the teacher's own model here (hidden states, teacher-mixed sampling, greedy
+  generation in token space), or None (a cache, a server, a mixture);
+- ``prefix_ids``: token ids the teacher sees before every sequence (``teacher.prefix``);
+- ``vocab_size``: the width of its distributions (None where unknown);
+- ``k``: the top-k a backend holds natively (a cache's k), None where any k can be asked;
+- ``modules()``: the ``nn.Module`` forwards that run here, so that the loop's FLOP meter counts
+  them (2·N per token) wherever they are called from.
+
+A method states what it needs as :class:`Needs`; :func:`check_needs` refuses, before anything is
+written, a teacher that cannot give it.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 from enum import IntEnum
-from typing import Protocol, runtime_checkable
 
 import torch
 
@@ -59,26 +71,83 @@ def require(have: Capability, need: Capability, *, method: str, backend: str) ->
         )
 
 
-@runtime_checkable
-class Teacher(Protocol):
-    """A frozen teacher. Tensors are on the caller's device; nothing here carries gradients."""
+class Teacher:
+    """A frozen teacher. Tensors are on the caller's device; nothing here carries gradients.
 
-    capability: Capability
-    name: str
+    Backends subclass it, set the attributes below and implement what their capability gives;
+    what they do not give raises :class:`CapabilityError` (the defaults here).
+    """
+
+    capability: Capability = Capability.TEXT
+    name: str = "teacher"
+    weights: torch.nn.Module | None = None
+    """The teacher's model here (for hidden states and teacher-mixed sampling), or None."""
+    prefix_ids: list[int] = []
+    """Token ids the teacher sees before every sequence and the outputs leave out (`teacher.prefix`)."""
+    vocab_size: int | None = None
+    """Width of the teacher's distributions (logits beyond it are padding), None where unknown."""
+    k: int | None = None
+    """The top-k this backend holds (a cache's); None where any k can be asked."""
+
+    def modules(self) -> list[torch.nn.Module]:
+        """The models whose forwards run here (counted by the FLOP meter): a local model, a mixture's members."""
+        return [self.weights] if self.weights is not None else []
+
+    def _refuse(self, need: Capability, what: str) -> CapabilityError:
+        return CapabilityError(f"the {self.name} teacher gives {self.capability}, not {what} ({need}); "
+                               f"use {HOW_TO_GET[need]}")
 
     def logits(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        """(B, T, V) next-token logits at every position (FULL)."""
-        ...
+        """(B, T, V) next-token logits at every position (FULL). input_ids, attention_mask (B, T)."""
+        raise self._refuse(Capability.FULL, "full logits")
 
     def topk(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, k: int) -> TopK:
         """Top-k ids and log-probs (B, T, k) of the next token at every position (TOPK)."""
-        ...
+        raise self._refuse(Capability.TOPK, "top-k log-probs")
 
     def score(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         """(B, T) log-prob of each token given its prefix; position 0 and padding are 0 (TOKEN)."""
-        ...
+        raise self._refuse(Capability.TOKEN, "token log-probs")
 
     def generate(self, prompts: Sequence[str], *, max_new_tokens: int, do_sample: bool = False,
-                 temperature: float = 1.0, top_p: float = 1.0) -> list[str]:
-        """Responses to prompts (rendered with the teacher's own template) (TEXT)."""
-        ...
+                 temperature: float = 1.0, top_p: float = 1.0, system_prompt: str | None = None,
+                 seed: int | None = None) -> list[str]:
+        """Responses to prompts (rendered with the teacher's own template, after `system_prompt`) (TEXT).
+
+        `seed` makes sampling reproducible where the backend can (a local model, a server that takes one).
+        """
+        raise self._refuse(Capability.TEXT, "generations")
+
+
+@dataclass(frozen=True)
+class Needs:
+    """What a method needs from its teacher, checked before the first step (:func:`check_needs`)."""
+
+    capability: Capability | None = None
+    """Least capability (None: no teacher at all)."""
+    weights: bool = False
+    """The teacher's model must be here (hidden states, teacher-mixed sampling, token-space generation)."""
+    prefix: bool = True
+    """Whether the method honours `teacher.prefix` (False: a teacher with a prefix is refused)."""
+    why: str = ""
+    """What the weights or the lack of a prefix are for, for the message."""
+
+
+def check_needs(method: str, needs: Needs, teacher: Teacher | None) -> None:
+    """Refuse, with a message naming what is missing and how to get it, a teacher that cannot meet `needs`."""
+    if needs.capability is None:
+        return
+    if teacher is None:
+        raise CapabilityError(
+            f"method {method!r} needs a teacher that gives {needs.capability}; set teacher.kind=local and "
+            "teacher.model.path=... (a Hugging Face directory, a GGUF file)"
+        )
+    require(teacher.capability, needs.capability, method=method, backend=teacher.name)
+    if needs.weights and teacher.weights is None:
+        raise CapabilityError(
+            f"method {method!r} {needs.why or 'uses the teacher model itself'}, but the {teacher.name} teacher has no "
+            "weights here; use a local teacher (teacher.kind=local)"
+        )
+    if not needs.prefix and teacher.prefix_ids:
+        raise CapabilityError(f"method {method!r} {needs.why or 'does not apply teacher.prefix'}; "
+                              "leave teacher.prefix empty")
