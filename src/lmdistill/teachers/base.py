@@ -9,6 +9,7 @@ method may need is declared too, as plain attributes every backend sets (no ``ge
 - ``prefix_ids``: token ids the teacher sees before every sequence (``teacher.prefix``);
 - ``vocab_size``: the width of its distributions (None where unknown);
 - ``k``: the top-k a backend holds natively (a cache's k), None where any k can be asked;
+- ``tokenizer``: its own tokenizer where it has one here;
 - ``modules()``: the ``nn.Module`` forwards that run here, so that the loop's FLOP meter counts
   them (2·N per token) wherever they are called from.
 
@@ -23,6 +24,7 @@ from dataclasses import dataclass
 from enum import IntEnum
 
 import torch
+from transformers import PreTrainedTokenizerBase
 
 from lmdistill.losses import TopK
 
@@ -88,6 +90,8 @@ class Teacher:
     """Width of the teacher's distributions (logits beyond it are padding), None where unknown."""
     k: int | None = None
     """The top-k this backend holds (a cache's); None where any k can be asked."""
+    tokenizer: PreTrainedTokenizerBase | None = None
+    """The teacher's own tokenizer where it has one here (a local model; a server given `teacher.model`)."""
 
     def modules(self) -> list[torch.nn.Module]:
         """The models whose forwards run here (counted by the FLOP meter): a local model, a mixture's members."""
