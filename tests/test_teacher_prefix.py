@@ -12,7 +12,7 @@ import torch
 
 from lmdistill.config import ConfigError, ModelConfig, RunConfig, TeacherConfig, build
 from lmdistill.data import collate, encode_rows
-from lmdistill.evaluate import generate
+from lmdistill.generation import generate
 from lmdistill.models import load_model, load_tokenizer, save_model
 from lmdistill.teachers import LocalTeacher
 from lmdistill.train import fit

@@ -337,7 +337,7 @@ class _Session:
 
     def sample_student(self, prompts: list[str], seed: int) -> list[str]:
         """One student sample per prompt (temperature ``elicit.student_temperature``)."""
-        from lmdistill.evaluate import generate
+        from lmdistill.generation import generate
 
         assert self.student is not None
         model, tokenizer = self.student

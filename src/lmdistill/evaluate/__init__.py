@@ -31,6 +31,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from lmdistill.config import ModelConfig, RunConfig
 from lmdistill.data.tokenize import Encoded, collate, collate_prompts, encode_rows, render_prompt
+from lmdistill.generation import Generations, generate, generate_timed
 from lmdistill.evaluate.metrics import (
     LengthBuckets,
     TokenStats,
@@ -43,105 +44,6 @@ from lmdistill.evaluate.metrics import (
 
 N_EXAMPLES = 5
 """Generations kept in eval.json per decoding, for reading."""
-
-
-# --------------------------------------------------------------------------- generation
-
-
-@dataclass
-class Generations:
-    """Decoded responses, their lengths and the wall time of generating them."""
-
-    texts: list[str]
-    n_tokens: list[int]
-    """Response lengths in new tokens, up to and not counting EOS."""
-    seconds: float
-    n_decoded: int | None = None
-    """Tokens decoded, EOS included (what the speed counts); default: sum of `n_tokens`."""
-
-    @property
-    def tokens_per_second(self) -> float:
-        n = sum(self.n_tokens) if self.n_decoded is None else self.n_decoded
-        return n / self.seconds if self.seconds > 0 else math.nan
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-@torch.no_grad()
-def generate_timed(
-    model: PreTrainedModel,
-    tokenizer: PreTrainedTokenizerBase,
-    prompts: Sequence[str],
-    *,
-    max_new_tokens: int = 32,
-    batch_size: int = 32,
-    system_prompt: str | None = None,
-    do_sample: bool = False,
-    temperature: float = 1.0,
-    top_p: float = 1.0,
-    prefix_ids: Sequence[int] = (),
-) -> Generations:
-    """Responses to `prompts` (rendered as in training), batched with left padding and a KV cache.
-
-    Sampling draws from the global torch generator (seed it for reproducible samples). The model's
-    train/eval mode is restored afterwards. `prefix_ids` go before every rendered prompt (a teacher's
-    `teacher.prefix`).
-    """
-    was_training = model.training
-    model.eval()
-    device = next(model.parameters()).device
-    rendered = [
-        list(prefix_ids) + tokenizer(render_prompt(tokenizer, p, system_prompt), add_special_tokens=False)["input_ids"]
-        for p in prompts
-    ]
-    kwargs = dict(do_sample=True, temperature=temperature, top_p=top_p, top_k=0) if do_sample else dict(do_sample=False)
-    texts: list[str] = []
-    lengths: list[int] = []
-    decoded = 0
-    _sync(device)
-    t0 = time.perf_counter()
-    for i in range(0, len(rendered), batch_size):
-        batch = {k: v.to(device) for k, v in collate_prompts(rendered[i : i + batch_size], tokenizer.pad_token_id).items()}
-        seqs = model.generate(
-            **batch,
-            max_new_tokens=max_new_tokens,
-            pad_token_id=tokenizer.pad_token_id,
-            eos_token_id=tokenizer.eos_token_id,
-            **kwargs,
-        )
-        new = seqs[:, batch["input_ids"].shape[1] :]  # (B, <= max_new_tokens)
-        for row in new.tolist():
-            n = row.index(tokenizer.eos_token_id) if tokenizer.eos_token_id in row else len(row)
-            lengths.append(n)
-            decoded += min(n + 1, len(row))
-        texts.extend(tokenizer.batch_decode(new, skip_special_tokens=True))
-    _sync(device)
-    seconds = time.perf_counter() - t0
-    model.train(was_training)
-    return Generations(texts, lengths, seconds, decoded)
-
-
-def generate(
-    model: PreTrainedModel,
-    tokenizer: PreTrainedTokenizerBase,
-    prompts: Sequence[str],
-    *,
-    max_new_tokens: int = 32,
-    batch_size: int = 32,
-    system_prompt: str | None = None,
-    do_sample: bool = False,
-    temperature: float = 1.0,
-    top_p: float = 1.0,
-    prefix_ids: Sequence[int] = (),
-) -> list[str]:
-    """Responses to `prompts` (rendered as in training), batched with left padding and a KV cache."""
-    return generate_timed(
-        model, tokenizer, prompts, max_new_tokens=max_new_tokens, batch_size=batch_size, system_prompt=system_prompt,
-        do_sample=do_sample, temperature=temperature, top_p=top_p, prefix_ids=prefix_ids,
-    ).texts
 
 
 # --------------------------------------------------------------------------- teacher-forced metrics

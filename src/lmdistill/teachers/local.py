@@ -99,7 +99,7 @@ class LocalTeacher:
     def generate(self, prompts: Sequence[str], *, max_new_tokens: int, do_sample: bool = False,
                  temperature: float = 1.0, top_p: float = 1.0, system_prompt: str | None = None,
                  batch_size: int = 32) -> list[str]:
-        from lmdistill.evaluate import generate
+        from lmdistill.generation import generate
 
         return generate(self.model, self.tokenizer, prompts, max_new_tokens=max_new_tokens, batch_size=batch_size,
                         system_prompt=system_prompt, do_sample=do_sample, temperature=temperature, top_p=top_p,

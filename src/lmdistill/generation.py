@@ -1,0 +1,181 @@
+"""Sampling and greedy decoding of a local model: the one place that calls ``model.generate``.
+
+Prompts are left-padded (:func:`~lmdistill.data.tokenize.collate_prompts`) and decoded with a KV
+cache in eval mode; the model's train/eval mode is restored afterwards. Sampling draws from the
+global torch generator (seed it for reproducible samples) with ``top_k=0``, so that only
+`temperature` and `top_p` shape the distribution.
+
+- :func:`sample_ids`: token ids in, token ids out (what the training methods sample);
+- :func:`generate_timed` / :func:`generate`: strings in, strings out, rendered as in training
+  (what evaluation, local teachers and elicitation use).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+from transformers import LogitsProcessorList, PreTrainedModel, PreTrainedTokenizerBase
+
+from lmdistill.data.tokenize import collate_prompts, render_prompt
+
+
+@dataclass
+class Generations:
+    """Decoded responses, their lengths and the wall time of generating them."""
+
+    texts: list[str]
+    n_tokens: list[int]
+    """Response lengths in new tokens, up to and not counting EOS."""
+    seconds: float
+    n_decoded: int | None = None
+    """Tokens decoded, EOS included (what the speed counts); default: sum of `n_tokens`."""
+
+    @property
+    def tokens_per_second(self) -> float:
+        n = sum(self.n_tokens) if self.n_decoded is None else self.n_decoded
+        return n / self.seconds if self.seconds > 0 else math.nan
+
+
+def _decode_batch(
+    model: PreTrainedModel,
+    prompts: Sequence[Sequence[int]],
+    *,
+    pad_id: int,
+    eos_id: int,
+    max_new_tokens: int,
+    do_sample: bool,
+    temperature: float,
+    top_p: float,
+    logits_processor: LogitsProcessorList | None = None,
+) -> torch.Tensor:
+    """(B, <= max_new_tokens) new tokens after the left-padded `prompts`; rows that stopped early are
+    padded with `pad_id` after their EOS. The caller sets eval mode and no_grad."""
+    device = next(model.parameters()).device
+    batch = {k: v.to(device) for k, v in collate_prompts(prompts, pad_id).items()}
+    sampling = dict(do_sample=True, temperature=temperature, top_p=top_p, top_k=0) if do_sample else dict(do_sample=False)
+    seqs = model.generate(
+        **batch,
+        **sampling,
+        max_new_tokens=max_new_tokens,
+        pad_token_id=pad_id,
+        eos_token_id=eos_id,
+        **({"logits_processor": logits_processor} if logits_processor is not None else {}),
+    )
+    return seqs[:, batch["input_ids"].shape[1] :]
+
+
+@torch.no_grad()
+def sample_ids(
+    model: PreTrainedModel,
+    prompts: Sequence[Sequence[int]],
+    *,
+    pad_id: int,
+    eos_id: int,
+    max_new_tokens: int,
+    do_sample: bool = True,
+    temperature: float = 1.0,
+    top_p: float = 1.0,
+    logits_processor: LogitsProcessorList | None = None,
+) -> list[list[int]]:
+    """Continuations of token-id prompts, left-padded (data.tokenize.collate_prompts), KV cache, in eval mode (restored after).
+
+    Each ends at its first EOS (kept) or after max_new_tokens, pad stripped; never empty ([eos_id] if nothing).
+    top_k=0 when sampling. `do_sample=False` decodes greedily. `logits_processor` is handed to
+    ``generate``, which applies it to the model's scores before any sampling warper (e.g. MiniLLM's
+    teacher-mixed sampling). All prompts are decoded as one batch.
+    """
+    was_training = model.training
+    model.eval()
+    try:
+        new = _decode_batch(model, prompts, pad_id=pad_id, eos_id=eos_id, max_new_tokens=max_new_tokens,
+                            do_sample=do_sample, temperature=temperature, top_p=top_p,
+                            logits_processor=logits_processor).tolist()
+    finally:
+        model.train(was_training)
+    out = []
+    for gen in new:
+        if eos_id in gen:
+            gen = gen[: gen.index(eos_id) + 1]
+        else:
+            gen = [t for t in gen if t != pad_id]
+        out.append(gen or [eos_id])
+    return out
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+@torch.no_grad()
+def generate_timed(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    prompts: Sequence[str],
+    *,
+    max_new_tokens: int = 32,
+    batch_size: int = 32,
+    system_prompt: str | None = None,
+    do_sample: bool = False,
+    temperature: float = 1.0,
+    top_p: float = 1.0,
+    prefix_ids: Sequence[int] = (),
+) -> Generations:
+    """Responses to `prompts` (rendered as in training), batched with left padding and a KV cache.
+
+    Sampling draws from the global torch generator (seed it for reproducible samples). The model's
+    train/eval mode is restored afterwards. `prefix_ids` go before every rendered prompt (a teacher's
+    `teacher.prefix`).
+    """
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    rendered = [
+        list(prefix_ids) + tokenizer(render_prompt(tokenizer, p, system_prompt), add_special_tokens=False)["input_ids"]
+        for p in prompts
+    ]
+    eos = tokenizer.eos_token_id
+    texts: list[str] = []
+    lengths: list[int] = []
+    decoded = 0
+    try:
+        _sync(device)
+        t0 = time.perf_counter()
+        for i in range(0, len(rendered), batch_size):
+            new = _decode_batch(model, rendered[i : i + batch_size], pad_id=tokenizer.pad_token_id, eos_id=eos,
+                                max_new_tokens=max_new_tokens, do_sample=do_sample, temperature=temperature,
+                                top_p=top_p)  # (B, <= max_new_tokens)
+            for row in new.tolist():
+                n = row.index(eos) if eos in row else len(row)
+                lengths.append(n)
+                decoded += min(n + 1, len(row))
+            texts.extend(tokenizer.batch_decode(new, skip_special_tokens=True))
+        _sync(device)
+        seconds = time.perf_counter() - t0
+    finally:
+        model.train(was_training)
+    return Generations(texts, lengths, seconds, decoded)
+
+
+def generate(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    prompts: Sequence[str],
+    *,
+    max_new_tokens: int = 32,
+    batch_size: int = 32,
+    system_prompt: str | None = None,
+    do_sample: bool = False,
+    temperature: float = 1.0,
+    top_p: float = 1.0,
+    prefix_ids: Sequence[int] = (),
+) -> list[str]:
+    """Responses to `prompts` (rendered as in training), batched with left padding and a KV cache."""
+    return generate_timed(
+        model, tokenizer, prompts, max_new_tokens=max_new_tokens, batch_size=batch_size, system_prompt=system_prompt,
+        do_sample=do_sample, temperature=temperature, top_p=top_p, prefix_ids=prefix_ids,
+    ).texts
