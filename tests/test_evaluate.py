@@ -23,7 +23,7 @@ from lmdistill.evaluate.metrics import (
     token_stats,
 )
 from lmdistill.data.tokenize import IGNORE_INDEX
-from lmdistill.methods.sft import response_ce_sum
+from lmdistill.losses import response_ce_sum
 from lmdistill.train import fit
 
 from conftest import read_metrics, tiny_run_config
@@ -235,3 +235,24 @@ def test_eval_model_with_config_writes_an_eval_only_run_dir(tiny_run, tmp_path):
     with pytest.raises(FileExistsError, match="holds a training run"):
         evaluate_path(str(tiny_run.run_dir / "model"), cfg_path, tiny_run.run_dir)
     assert main(["eval", str(tmp_path / "nothing_here")]) == 2
+
+
+def test_eval_with_a_topk_cache_teacher_over_several_batches(tiny_run, tmp_path):
+    """A teacher below `full` (a top-k cache) and held-out rows over several batches: the top-k size
+    stays the cache's (it was once overwritten by a loop variable, and the second batch crashed)."""
+    import dataclasses
+
+    from lmdistill.teachers.cache import build_cache
+
+    run_dir = tiny_run.run_dir
+    teacher = dataclasses.replace(tiny_run.teacher, kind="local", model=dataclasses.replace(
+        tiny_run.teacher.model, path=str(run_dir / "model")), cache=str(tmp_path / "cache"), k=8)
+    build_cache(dataclasses.replace(tiny_run, teacher=teacher), batch_size=4, progress=False)
+    ev = evaluate_run(run_dir, overrides=["teacher.kind=cache", f"teacher.cache={tmp_path / 'cache'}", "teacher.k=8",
+                                          f"teacher.model.path={run_dir / 'model'}", "eval.batch_size=3"])
+    kl = ev["teacher_kl"]
+    assert ev["heldout_rows"] == 8 and kl["n_first"] == 8  # 3 batches of 3, 3, 2 rows
+    assert kl["support"] == "top-8 + tail"
+    # The student is the cache's teacher: its divergence is only the top-8 truncation's, small and finite.
+    for k in ("fkl_first", "rkl_first", "fkl_all", "rkl_all"):
+        assert kl[k] is not None and 0 <= kl[k] < 0.5

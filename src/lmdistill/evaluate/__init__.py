@@ -115,14 +115,14 @@ def teacher_divergences(
     from lmdistill.teachers.base import Capability
 
     full = teacher.capability >= Capability.FULL
-    k = min(64, getattr(teacher, "k", 0) or 64)  # a cache holds its own k
+    k = 64 if teacher.k is None else min(64, teacher.k)  # a cache holds its own k
     support = "full"
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
     sums: dict[str, float] = {}
     for i in range(0, len(examples), batch_size):
-        batch = {k: v.to(device) for k, v in collate(examples[i : i + batch_size], pad_id).items()}
+        batch = {key: v.to(device) for key, v in collate(examples[i : i + batch_size], pad_id).items()}
         ids, am = batch["input_ids"], batch["attention_mask"]
         student = model(input_ids=ids, attention_mask=am).logits  # (B, T, V)
         signal = teacher.logits(ids, am) if full else teacher.topk(ids, am, k)
@@ -131,8 +131,8 @@ def teacher_divergences(
         if full:
             # A head padded past the shared vocabulary (Qwen-style) is cut to the teacher's width.
             student = student[..., : signal.shape[-1]]
-        for k, v in divergence_sums(student, signal, batch["labels"]).items():
-            sums[k] = sums.get(k, 0.0) + v
+        for name, v in divergence_sums(student, signal, batch["labels"]).items():
+            sums[name] = sums.get(name, 0.0) + v
     model.train(was_training)
     out: dict = {"support": support}
     for which in ("first", "all"):
@@ -268,21 +268,19 @@ def json_safe(obj):
 
 def evaluate_teacher(teacher, tokenizer: PreTrainedTokenizerBase, rows: Sequence[dict], cfg: RunConfig) -> dict:
     """The teacher's own answers, size and speed, measured as the student's are."""
-    from lmdistill.teachers.local import LocalTeacher
-
     out: dict = {"name": teacher.name}
     sample = list(rows)[: cfg.eval.n_generate]
-    if isinstance(teacher, LocalTeacher):
-        out.update(_params(teacher.model))
+    if teacher.weights is not None:  # a model here: measured as the student is, in its own tokens
+        out.update(_params(teacher.weights))
         e = cfg.eval
         enc = encode_rows(teacher.tokenizer, list(rows)[: e.max_eval_rows], max_length=cfg.data.max_length,
                           truncation="response", system_prompt=cfg.data.system_prompt)
         if teacher.prefix_ids:  # the teacher's view: its prefix before every row
             enc = [Encoded(teacher.prefix_ids + x.input_ids, len(teacher.prefix_ids) + x.n_prompt, x.id) for x in enc]
-        m = heldout_stats(teacher.model, enc, teacher.tokenizer.pad_token_id, batch_size=e.batch_size,
+        m = heldout_stats(teacher.weights, enc, teacher.tokenizer.pad_token_id, batch_size=e.batch_size,
                           n_bins=e.ece_bins).metrics()
         out.update(heldout_ce=m["ce"], token_acc=m["token_acc"], ece=m["ece"])
-        decodings = (_decode_all(teacher.model, teacher.tokenizer, sample, cfg, prefix_ids=teacher.prefix_ids)
+        decodings = (_decode_all(teacher.weights, teacher.tokenizer, sample, cfg, prefix_ids=teacher.prefix_ids)
                      if sample else {})
     else:  # a remote teacher: wall time of its API, lengths in the student's tokens
         from lmdistill.teachers.base import CapabilityError
@@ -391,8 +389,8 @@ def evaluate_run(run_dir: str | Path, eval_rows: Sequence[dict] | None = None, *
     come from the run's config.yaml, changed by `overrides` (``key=value``, e.g. a teacher for a run
     trained without one: ``teacher.kind=local teacher.model.path=...``).
     """
-    from lmdistill.config import load_config
     from lmdistill.io import atomic_write_json
+    from lmdistill.methods import load_config
 
     run_dir = Path(run_dir)
     if not is_run_dir(run_dir):
@@ -414,8 +412,9 @@ def evaluate_path(model: str, config: str | Path | None, out_dir: str | Path | N
     config.yaml (with ``student.path`` = `model`) and eval.json. Refuses a directory that holds a
     training run, so that its config is never overwritten.
     """
-    from lmdistill.config import load_config, save_config
+    from lmdistill.config import save_config
     from lmdistill.io import atomic_write_json
+    from lmdistill.methods import load_config
 
     cfg = load_config(config, overrides)
     spec = ModelConfig(path=model, dtype=cfg.student.dtype)
