@@ -1,23 +1,83 @@
 """Configs: YAML + overrides, unknown keys named, every shipped config loads."""
 
+import ast
+import dataclasses
 from pathlib import Path
 
 import pytest
 import yaml
 
-from lmdistill.config import ConfigError, RunConfig, describe, load_config, parse_overrides, save_config
+from lmdistill import config
+from lmdistill.cli import main
+from lmdistill.config import ConfigError, MethodConfig, RunConfig, build, describe, parse_overrides, save_config
+from lmdistill.methods import METHOD_CONFIGS, METHODS, load_config
 
-CONFIGS = sorted((Path(__file__).parent.parent / "configs").rglob("*.yaml"))
+CONFIG_DIR = Path(__file__).parent.parent / "configs"
+CONFIGS = sorted(p for p in CONFIG_DIR.rglob("*.yaml") if "accelerate" not in p.relative_to(CONFIG_DIR).parts)
+"""Every run config shipped (configs/accelerate/ holds `accelerate launch` configs, not run configs)."""
+SHIPPED = {
+    "akl_math.yaml", "context_math.yaml", "distillm_math.yaml", "dpkd_math.yaml", "elicit_context_math.yaml",
+    "elicit_label_math.yaml", "feedback_kl_math.yaml", "gkd_math.yaml", "hidden_math.yaml", "kd_math.yaml",
+    "kd_mixture_math.yaml", "minillm_math.yaml", "seqkd_math.yaml", "sft_jsonl.yaml", "sft_math.yaml",
+    "step_by_step_math.yaml", "experiments/elicit_instructions.yaml", "experiments/seed000_feedback_kl.yaml",
+    "experiments/seed000_feedback_kl_qwen.yaml", "experiments/seed003_methods.yaml",
+    "experiments/seed003_methods_instructions.yaml",
+}
+"""The configs the README and the experiments name: the glob must find each of them."""
 
 
-@pytest.mark.parametrize("path", CONFIGS, ids=[p.name for p in CONFIGS])
+def _name(path: Path) -> str:
+    return path.relative_to(CONFIG_DIR).as_posix()
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=[_name(p) for p in CONFIGS])
 def test_every_shipped_config_loads(path):
     cfg = load_config(path)
     assert isinstance(cfg, RunConfig)
+    assert isinstance(cfg.method, METHOD_CONFIGS[cfg.method.name])  # its own options class, not the base
 
 
-def test_configs_exist():
-    assert len(CONFIGS) >= 2
+def test_the_known_configs_are_found_and_every_method_has_one():
+    found = {_name(p) for p in CONFIGS}
+    assert SHIPPED <= found, f"missing from configs/: {sorted(SHIPPED - found)}"
+    methods = {load_config(p).method.name for p in CONFIGS}
+    assert set(METHODS) <= methods, f"methods without a shipped config: {sorted(set(METHODS) - methods)}"
+
+
+@dataclasses.dataclass
+class ToyOptions(MethodConfig):
+    alpha: float = 0.5
+    """A toy method's weight."""
+
+
+def test_config_is_a_leaf_and_resolves_methods_through_the_registry_handed_in():
+    """lmdistill.config imports nothing of the package but io, not even inside a function; method
+    options come from the `method_configs` it is handed."""
+    imported = set()
+    for path in Path(config.__file__).parent.rglob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Import):
+                imported |= {a.name for a in node.names}
+            elif isinstance(node, ast.ImportFrom) and node.level == 0:
+                imported.add(node.module)
+    ours = {m for m in imported if m.split(".")[0] == "lmdistill" and not m.startswith("lmdistill.config")}
+    assert ours == {"lmdistill.io"}
+    cfg = config.load_config(None, ["method.name=toy", "method.alpha=2"], method_configs={"toy": ToyOptions})
+    assert isinstance(cfg.method, ToyOptions) and cfg.method.alpha == 2.0
+    with pytest.raises(ConfigError, match="method.name: unknown method 'kd'; known: toy"):
+        config.load_config(None, ["method.name=kd"], method_configs={"toy": ToyOptions})
+    with pytest.raises(TypeError, match="method_configs=lmdistill.methods.METHOD_CONFIGS"):
+        build(RunConfig, {"method": {"name": "sft"}})
+    assert build(RunConfig, {"train": {"steps": 3}}).train.steps == 3  # no method section: no registry needed
+
+
+def test_run_help_lists_every_methods_keys(capsys):
+    with pytest.raises(SystemExit):
+        main(["run", "--help"])
+    shown = capsys.readouterr().out
+    assert all(f"  {key} = " in shown for key, _, _ in describe())
+    for name, options in METHOD_CONFIGS.items():
+        assert all(f"[{name}] {key} = " in shown for key, _, _ in describe(options, "method.") if key != "method.name")
 
 
 def test_overrides_are_typed_and_nested():

@@ -23,10 +23,11 @@ from llama_server import ScriptedServer, completion
 from transformers import LlamaForCausalLM
 
 from lmdistill.cli import main
-from lmdistill.config import ConfigError, ModelConfig, load_config
+from lmdistill.config import ConfigError, ModelConfig
 from lmdistill.data.rows import DataError, read_jsonl
 from lmdistill.elicit import ElicitStore, RougeL, clean_instruction, elicit, parse_rationale, teacher_mean_logprobs
 from lmdistill.elicit.vllm_engine import vllm_available
+from lmdistill.methods import load_config
 from lmdistill.models import build_char_tokenizer, new_model_config, save_model
 from lmdistill.teachers import Capability, CapabilityError, LocalTeacher
 from lmdistill.teachers.server import ServerError

@@ -11,10 +11,10 @@ import torch
 from accelerate import Accelerator
 from transformers import LlamaConfig, LlamaForCausalLM, LogitsProcessorList
 
-from lmdistill.config import RunConfig, load_config
+from lmdistill.config import RunConfig
 from lmdistill.data.tokenize import collate
 from lmdistill.losses.policy import future_returns, minillm_loss, ppo_clip_loss, teacher_mixed_logprobs
-from lmdistill.methods import METHODS, RunContext
+from lmdistill.methods import METHODS, RunContext, load_config
 from lmdistill.methods.common import sample_responses
 from lmdistill.methods.distillm import AdaptiveOffPolicy, DistiLLM
 from lmdistill.methods.minillm import TeacherMixedSampling

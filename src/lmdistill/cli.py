@@ -1,38 +1,43 @@
-"""`lmdistill` command line: run, eval, quickstart."""
+"""`lmdistill` command line: run, eval, sweep, report, quickstart, cache-teacher, elicit."""
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
+import logging
 import sys
 
-from lmdistill.config import ConfigError, describe
+from accelerate import PartialState
+
+from lmdistill.cache_teacher import build_cache
+from lmdistill.config import ConfigError, ElicitConfig, describe
+from lmdistill.data import DataError
+from lmdistill.elicit import TASKS, elicit
+from lmdistill.evaluate import evaluate_path, evaluate_run, is_run_dir
+from lmdistill.methods import METHOD_CONFIGS, load_config
+from lmdistill.quickstart import DEFAULT_METHODS, STUDENT_METHODS, quickstart
+from lmdistill.report import ReportError, write_report
+from lmdistill.sweep import sweep
+from lmdistill.train import fit
 
 
 def _config_help() -> str:
-    from lmdistill.methods import METHODS
-
     lines = ["config keys (override as key=value):"]
     for key, default, doc in describe():
         lines.append(f"  {key} = {default}\n      {doc}")
-    lines.append("methods: " + ", ".join(sorted(METHODS)))
-    for name, cls in sorted(METHODS.items()):
-        rows = [r for r in describe(cls.config_class, "method.") if r[0] != "method.name"]
+    lines.append("methods: " + ", ".join(sorted(METHOD_CONFIGS)))
+    for name, cls in sorted(METHOD_CONFIGS.items()):
+        rows = [r for r in describe(cls, "method.") if r[0] != "method.name"]
         for key, default, doc in rows:
             lines.append(f"  [{name}] {key} = {default}\n      {doc}")
     return "\n".join(lines)
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from lmdistill.config import load_config
-    from lmdistill.evaluate import evaluate_run
-    from lmdistill.train import fit
-
     cfg = load_config(args.config, args.overrides)
     result = fit(cfg)
     if result.step == cfg.train.steps and not args.no_eval:
-        from accelerate import PartialState
-
         if PartialState().is_main_process:
             ev = evaluate_run(result.run_dir)
             print(json.dumps({k: v for k, v in ev.items() if k != "examples"}, indent=2))
@@ -41,8 +46,6 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    from lmdistill.evaluate import evaluate_path, evaluate_run, is_run_dir
-
     configs = [x for x in args.overrides if "=" not in x]
     overrides = [x for x in args.overrides if "=" in x]
     if len(configs) > 1:
@@ -75,17 +78,11 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 
 def cmd_sweep(args: argparse.Namespace) -> int:
-    from lmdistill.sweep import sweep
-
     rows = sweep(args.config, args.overrides, out_dir=args.out, evaluate=not args.no_eval, progress=not args.quiet)
     for r in rows:
         print(f"{r['status']:>30}  {r['run_dir']}")
     if args.report:
-        from accelerate import PartialState
-
         if PartialState().is_main_process:
-            from lmdistill.report import write_report
-
             report = write_report([r["run_dir"] for r in rows], args.report, command=" ".join(["lmdistill", "report"]
                                   + [r["run_dir"] for r in rows] + ["-o", args.report]))
             print(f"report: {report.markdown}")
@@ -93,8 +90,6 @@ def cmd_sweep(args: argparse.Namespace) -> int:
 
 
 def cmd_report(args: argparse.Namespace) -> int:
-    from lmdistill.report import ReportError, write_report
-
     try:
         report = write_report(args.runs, args.out, command=" ".join(["lmdistill", "report", *args.runs, "-o", args.out]))
     except ReportError as e:
@@ -107,11 +102,6 @@ def cmd_report(args: argparse.Namespace) -> int:
 
 
 def cmd_cache_teacher(args: argparse.Namespace) -> int:
-    import dataclasses
-
-    from lmdistill.config import load_config
-    from lmdistill.teachers.cache import build_cache
-
     cfg = load_config(args.config, args.overrides)
     summary = build_cache(cfg, batch_size=args.batch_size)
     print(json.dumps(dataclasses.asdict(summary), indent=2))
@@ -119,11 +109,6 @@ def cmd_cache_teacher(args: argparse.Namespace) -> int:
 
 
 def cmd_elicit(args: argparse.Namespace) -> int:
-    import logging
-
-    from lmdistill.config import load_config
-    from lmdistill.elicit import elicit
-
     if not logging.getLogger().handlers:
         logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     cfg = load_config(args.config, args.overrides)
@@ -132,8 +117,6 @@ def cmd_elicit(args: argparse.Namespace) -> int:
 
 
 def _elicit_help() -> str:
-    from lmdistill.config import ElicitConfig
-
     lines = ["elicit keys (override as key=value; the teacher.*, student.* and data.* keys of `run --help` apply too):"]
     for key, default, doc in describe(ElicitConfig, "elicit."):
         lines.append(f"  {key} = {default}\n      {doc}")
@@ -141,8 +124,6 @@ def _elicit_help() -> str:
 
 
 def cmd_quickstart(args: argparse.Namespace) -> int:
-    from lmdistill.quickstart import quickstart
-
     quickstart(out_dir=args.out, scale=args.scale, methods=tuple(args.methods.split(",")))
     return 0
 
@@ -223,8 +204,6 @@ def build_parser() -> argparse.ArgumentParser:
     )
     q.add_argument("--out", default="runs/quickstart", help="directory for the runs (default: runs/quickstart)")
     q.add_argument("--scale", type=float, default=1.0, help="multiply training steps by this (0.1 for a smoke run)")
-    from lmdistill.quickstart import DEFAULT_METHODS, STUDENT_METHODS
-
     q.add_argument("--methods", default=",".join(DEFAULT_METHODS),
                    help=f"comma-separated students to train (default: %(default)s; known: {', '.join(STUDENT_METHODS)})")
     q.set_defaults(func=cmd_quickstart)
@@ -242,8 +221,6 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("overrides", nargs="*", help="section.key=value overrides, e.g. teacher.cache=runs/cache teacher.k=64")
     c.add_argument("--batch-size", type=int, default=16, help="rows per teacher forward (default: 16)")
     c.set_defaults(func=cmd_cache_teacher)
-
-    from lmdistill.elicit import TASKS
 
     el = sub.add_parser(
         "elicit",
@@ -277,13 +254,9 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as e:
         print(f"lmdistill: config error: {e}", file=sys.stderr)
         return 2
-    except ValueError as e:
-        from lmdistill.data import DataError
-
-        if isinstance(e, DataError):
-            print(f"lmdistill: data error: {e}", file=sys.stderr)
-            return 2
-        raise
+    except DataError as e:
+        print(f"lmdistill: data error: {e}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

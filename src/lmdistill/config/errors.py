@@ -1,0 +1,5 @@
+"""The one error every configuration check raises."""
+
+
+class ConfigError(ValueError):
+    """A configuration value or key is wrong; the message names it."""

