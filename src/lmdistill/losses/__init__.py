@@ -5,7 +5,13 @@
   with a dense (B, T, V) teacher or a ``TopK`` one; registry ``LOSSES``.
 - ``chunked_divergence``: the same from the student's hidden states and head, chunk by chunk.
 - Sequence pieces: ``token_logprobs``, ``sequence_logprobs``, ``prediction_mask``, ``response_ce_sum``; preference losses ``dpkd``,
-  ``dpo``, ``ipo``, ``cpo``, ``simpo`` returning ``(loss, metrics)``.
+  ``dpo``, ``ipo``, ``cpo``, ``simpo`` returning ``(loss, metrics)``, the same behind one signature in
+  the registry ``PREFERENCE_FORMS`` (``NEEDS_REFERENCE``: the forms that take reference log-probs).
+- ``score_function_rkl``: the score-function estimator of the sequence reverse KL from sampled-token
+  log-probs, with a leave-one-out baseline (``leave_one_out_baseline``).
+- Hidden-state distances ``mse_distance``, ``cosine_distance`` (registry ``HIDDEN_DISTANCES``) and
+  ``hidden_state_distance`` over layer pairs and masked positions.
+- MiniLLM's policy gradient: ``losses.policy`` (``minillm_loss`` and its pieces).
 """
 
 from ._common import TopK, log_distributions, masked_reduce, sample_tail
@@ -23,29 +29,40 @@ from .divergences import (
     srkl,
     tvd,
 )
-from .preference import cpo, dpkd, dpo, ipo, simpo
+from .hidden import HIDDEN_DISTANCES, cosine_distance, hidden_state_distance, mse_distance
+from .preference import NEEDS_REFERENCE, PREFERENCE_FORMS, PreferenceForm, cpo, dpkd, dpo, ipo, simpo
+from .score_function import leave_one_out_baseline, score_function_rkl
 from .sequence import prediction_mask, response_ce_sum, sequence_logprobs, token_logprobs
 
 __all__ = [
+    "HIDDEN_DISTANCES",
     "KERNELS",
     "LOSSES",
+    "NEEDS_REFERENCE",
+    "PREFERENCE_FORMS",
+    "PreferenceForm",
     "TopK",
     "sample_tail",
     "akl",
     "akl_weights",
     "chunked_divergence",
+    "cosine_distance",
     "cpo",
     "divergence_from_logprobs",
     "dpkd",
     "dpo",
     "fkl",
+    "hidden_state_distance",
     "ipo",
     "jsd",
+    "leave_one_out_baseline",
     "log_distributions",
     "masked_reduce",
+    "mse_distance",
     "prediction_mask",
     "response_ce_sum",
     "rkl",
+    "score_function_rkl",
     "sequence_logprobs",
     "simpo",
     "skl",

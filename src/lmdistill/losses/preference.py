@@ -14,9 +14,17 @@ Inputs are per-sequence log-prob sums (B,) (see ``sequence_logprobs``); every fu
 ``(loss, metrics)``: the loss is the mean over the batch (float32 at least), and the metrics are
 detached scalars (batch means): ``reward_chosen``, ``reward_rejected``, ``reward_margin``
 (chosen − rejected) and ``reward_accuracy`` (fraction with reward_chosen > reward_rejected).
+With ``reduction="sum"`` the loss and every metric are sums over the B pairs instead (B times
+the mean), for a training loop that normalises once by its own count.
+
+``PREFERENCE_FORMS`` maps each form's name to the same function behind one signature
+(:class:`PreferenceForm`), so a method picks a form by name; ``NEEDS_REFERENCE`` names the forms
+that take the reference model's log-probs.
 """
 
 from __future__ import annotations
+
+from typing import Literal, Protocol
 
 import torch.nn.functional as F
 from torch import Tensor
@@ -24,6 +32,7 @@ from torch import Tensor
 from ._common import compute_dtype
 
 Metrics = dict[str, Tensor]
+PairReduction = Literal["mean", "sum"]
 
 
 def _float(x: Tensor) -> Tensor:
@@ -39,13 +48,21 @@ def _log_ratio(policy: Tensor, reference: Tensor, length: Tensor | None, length_
     return ratio
 
 
-def _metrics(reward_chosen: Tensor, reward_rejected: Tensor) -> Metrics:
+def _reduce(per_pair: Tensor, reduction: PairReduction) -> Tensor:
+    if reduction == "mean":
+        return per_pair.mean()
+    if reduction == "sum":
+        return per_pair.sum()
+    raise ValueError(f"reduction must be 'mean' or 'sum', got {reduction!r}")
+
+
+def _metrics(reward_chosen: Tensor, reward_rejected: Tensor, reduction: PairReduction = "mean") -> Metrics:
     reward_chosen, reward_rejected = reward_chosen.detach(), reward_rejected.detach()
     return {
-        "reward_chosen": reward_chosen.mean(),
-        "reward_rejected": reward_rejected.mean(),
-        "reward_margin": (reward_chosen - reward_rejected).mean(),
-        "reward_accuracy": (reward_chosen > reward_rejected).to(reward_chosen.dtype).mean(),
+        "reward_chosen": _reduce(reward_chosen, reduction),
+        "reward_rejected": _reduce(reward_rejected, reduction),
+        "reward_margin": _reduce(reward_chosen - reward_rejected, reduction),
+        "reward_accuracy": _reduce((reward_chosen > reward_rejected).to(reward_chosen.dtype), reduction),
     }
 
 
@@ -59,6 +76,7 @@ def dpo(
     chosen_len: Tensor | None = None,
     rejected_len: Tensor | None = None,
     length_normalize: bool = False,
+    reduction: PairReduction = "mean",
 ) -> tuple[Tensor, Metrics]:
     """DPO (Rafailov et al. 2023): −log σ(β·h), h = log π(y_w)/π_ref(y_w) − log π(y_l)/π_ref(y_l).
 
@@ -68,14 +86,15 @@ def dpo(
         beta: β, the inverse strength of the KL regularisation.
         chosen_len, rejected_len: (B,) token counts |y_w|, |y_l|; needed with length_normalize.
         length_normalize: divide each log-ratio by its sequence length.
+        reduction: "mean" over the pairs, or "sum" (loss and metrics alike).
 
     Returns:
         (loss, metrics); rewards are β·log-ratio (length-normalised if asked).
     """
     chosen = _log_ratio(policy_chosen, reference_chosen, chosen_len, length_normalize, "chosen")
     rejected = _log_ratio(policy_rejected, reference_rejected, rejected_len, length_normalize, "rejected")
-    loss = -F.logsigmoid(beta * (chosen - rejected)).mean()
-    return loss, _metrics(beta * chosen, beta * rejected)
+    loss = _reduce(-F.logsigmoid(beta * (chosen - rejected)), reduction)
+    return loss, _metrics(beta * chosen, beta * rejected, reduction)
 
 
 def dpkd(
@@ -88,6 +107,7 @@ def dpkd(
     chosen_len: Tensor | None = None,
     rejected_len: Tensor | None = None,
     length_normalize: bool = False,
+    reduction: PairReduction = "mean",
 ) -> tuple[Tensor, Metrics]:
     """DPKD (Li et al. 2024) stage 2: −log σ(β·h), h = log p_θ(y_w)/p_T(y_w) − log p_θ(y_l)/p_T(y_l).
 
@@ -108,6 +128,7 @@ def dpkd(
         chosen_len=chosen_len,
         rejected_len=rejected_len,
         length_normalize=length_normalize,
+        reduction=reduction,
     )
 
 
@@ -121,6 +142,7 @@ def ipo(
     chosen_len: Tensor | None = None,
     rejected_len: Tensor | None = None,
     length_normalize: bool = False,
+    reduction: PairReduction = "mean",
 ) -> tuple[Tensor, Metrics]:
     """IPO (Azar et al. 2024): (h − 1/(2β))², h as in ``dpo``/``dpkd`` (reference = teacher for KD).
 
@@ -128,22 +150,25 @@ def ipo(
     """
     chosen = _log_ratio(policy_chosen, reference_chosen, chosen_len, length_normalize, "chosen")
     rejected = _log_ratio(policy_rejected, reference_rejected, rejected_len, length_normalize, "rejected")
-    loss = ((chosen - rejected - 1.0 / (2.0 * beta)) ** 2).mean()
-    return loss, _metrics(beta * chosen, beta * rejected)
+    loss = _reduce((chosen - rejected - 1.0 / (2.0 * beta)) ** 2, reduction)
+    return loss, _metrics(beta * chosen, beta * rejected, reduction)
 
 
-def cpo(policy_chosen: Tensor, policy_rejected: Tensor, *, beta: float = 0.1) -> tuple[Tensor, Metrics]:
+def cpo(
+    policy_chosen: Tensor, policy_rejected: Tensor, *, beta: float = 0.1, reduction: PairReduction = "mean"
+) -> tuple[Tensor, Metrics]:
     """CPO (Xu et al. 2024): −log σ(β·(log p_θ(y_w) − log p_θ(y_l))) − log p_θ(y_w); no reference term.
 
     Args:
         policy_chosen, policy_rejected: (B,) log p_θ(y_w|x), log p_θ(y_l|x) (sums over tokens).
         beta: β.
+        reduction: "mean" over the pairs, or "sum".
     Returns:
         (loss, metrics); rewards are β·log p_θ(y).
     """
     chosen, rejected = _float(policy_chosen), _float(policy_rejected)
-    loss = (-F.logsigmoid(beta * (chosen - rejected)) - chosen).mean()
-    return loss, _metrics(beta * chosen, beta * rejected)
+    loss = _reduce(-F.logsigmoid(beta * (chosen - rejected)) - chosen, reduction)
+    return loss, _metrics(beta * chosen, beta * rejected, reduction)
 
 
 def simpo(
@@ -153,6 +178,8 @@ def simpo(
     rejected_len: Tensor,
     beta: float = 2.0,
     gamma: float = 0.5,
+    *,
+    reduction: PairReduction = "mean",
 ) -> tuple[Tensor, Metrics]:
     """SimPO (Meng et al. 2024): −log σ(β/|y_w|·log p_θ(y_w) − β/|y_l|·log p_θ(y_l) − γ); no reference.
 
@@ -160,11 +187,126 @@ def simpo(
         policy_chosen, policy_rejected: (B,) log p_θ(y_w|x), log p_θ(y_l|x) (sums over tokens).
         chosen_len, rejected_len: (B,) |y_w|, |y_l| (token counts, clamped at 1).
         beta: β; gamma: γ, the target reward margin.
+        reduction: "mean" over the pairs, or "sum".
     Returns:
         (loss, metrics); rewards are β/|y|·log p_θ(y) (the margin excludes γ).
     """
     chosen = beta * _float(policy_chosen) / chosen_len.to(compute_dtype(policy_chosen.dtype)).clamp(min=1)
     rejected = beta * _float(policy_rejected) / rejected_len.to(compute_dtype(policy_rejected.dtype)).clamp(min=1)
-    loss = -F.logsigmoid(chosen - rejected - gamma).mean()
-    return loss, _metrics(chosen, rejected)
+    loss = _reduce(-F.logsigmoid(chosen - rejected - gamma), reduction)
+    return loss, _metrics(chosen, rejected, reduction)
 
+
+
+# --- the forms behind one signature ---------------------------------------------------------------
+
+
+class PreferenceForm(Protocol):
+    """One preference form: ``(loss, metrics)`` from per-sequence log-prob sums (B,) of chosen and rejected.
+
+    Every entry of ``PREFERENCE_FORMS`` takes all of these arguments and uses those its form needs:
+    the reference log-probs only for the forms in ``NEEDS_REFERENCE`` (others ignore them, so
+    ``None`` is fine), ``length_normalize`` only where the form makes it optional (dpkd, dpo, ipo;
+    simpo always divides by |y|, cpo never does), ``gamma`` only in simpo. ``chosen_len`` and
+    ``rejected_len`` are (B,) token counts.
+    """
+
+    def __call__(
+        self,
+        policy_chosen: Tensor,
+        policy_rejected: Tensor,
+        reference_chosen: Tensor | None,
+        reference_rejected: Tensor | None,
+        *,
+        chosen_len: Tensor,
+        rejected_len: Tensor,
+        beta: float,
+        gamma: float = 0.5,
+        length_normalize: bool = False,
+        reduction: PairReduction = "mean",
+    ) -> tuple[Tensor, Metrics]: ...
+
+
+def _reference(form: str, reference: Tensor | None, which: str) -> Tensor:
+    if reference is None:
+        raise ValueError(f"preference form {form!r} needs the reference model's log-probs of {which}; got None")
+    return reference
+
+
+def _with_reference(form: str, fn) -> PreferenceForm:
+    def loss(
+        policy_chosen: Tensor,
+        policy_rejected: Tensor,
+        reference_chosen: Tensor | None,
+        reference_rejected: Tensor | None,
+        *,
+        chosen_len: Tensor,
+        rejected_len: Tensor,
+        beta: float,
+        gamma: float = 0.5,
+        length_normalize: bool = False,
+        reduction: PairReduction = "mean",
+    ) -> tuple[Tensor, Metrics]:
+        return fn(
+            policy_chosen,
+            policy_rejected,
+            _reference(form, reference_chosen, "y_w"),
+            _reference(form, reference_rejected, "y_l"),
+            beta=beta,
+            chosen_len=chosen_len,
+            rejected_len=rejected_len,
+            length_normalize=length_normalize,
+            reduction=reduction,
+        )
+
+    loss.__name__ = loss.__qualname__ = f"{form}_form"
+    loss.__doc__ = f"``{form}`` behind the :class:`PreferenceForm` signature (gamma unused)."
+    return loss
+
+
+def _cpo_form(
+    policy_chosen: Tensor,
+    policy_rejected: Tensor,
+    reference_chosen: Tensor | None,
+    reference_rejected: Tensor | None,
+    *,
+    chosen_len: Tensor,
+    rejected_len: Tensor,
+    beta: float,
+    gamma: float = 0.5,
+    length_normalize: bool = False,
+    reduction: PairReduction = "mean",
+) -> tuple[Tensor, Metrics]:
+    """``cpo`` behind the :class:`PreferenceForm` signature (no reference, lengths, length_normalize or gamma)."""
+    return cpo(policy_chosen, policy_rejected, beta=beta, reduction=reduction)
+
+
+def _simpo_form(
+    policy_chosen: Tensor,
+    policy_rejected: Tensor,
+    reference_chosen: Tensor | None,
+    reference_rejected: Tensor | None,
+    *,
+    chosen_len: Tensor,
+    rejected_len: Tensor,
+    beta: float,
+    gamma: float = 0.5,
+    length_normalize: bool = False,
+    reduction: PairReduction = "mean",
+) -> tuple[Tensor, Metrics]:
+    """``simpo`` behind the :class:`PreferenceForm` signature (no reference; always length-normalised)."""
+    return simpo(policy_chosen, policy_rejected, chosen_len, rejected_len, beta=beta, gamma=gamma, reduction=reduction)
+
+
+PREFERENCE_FORMS: dict[str, PreferenceForm] = {
+    "dpkd": _with_reference("dpkd", dpkd),
+    "dpo": _with_reference("dpo", dpo),
+    "ipo": _with_reference("ipo", ipo),
+    "cpo": _cpo_form,
+    "simpo": _simpo_form,
+}
+"""Preference forms by name (DPKD paper §4.4), each a :class:`PreferenceForm`."""
+
+NEEDS_REFERENCE: frozenset[str] = frozenset({"dpkd", "dpo", "ipo"})
+"""The forms whose loss takes the reference model's log-probs (dpkd: the teacher; dpo: the frozen initial
+student; ipo: the teacher); cpo and simpo need none."""
