@@ -7,21 +7,12 @@ import pytest
 import torch
 
 from lmdistill.cli import main
-from lmdistill.evaluate import Generations, evaluate_path, evaluate_run, generation_metrics, heldout_stats
-from lmdistill.evaluate.metrics import (
-    LengthBuckets,
-    TokenStats,
-    answer_correct,
-    calibration_bins,
-    divergence_sums,
-    exact_match,
-    expected_calibration_error,
-    final_answer,
-    first_response_mask,
-    rouge_l,
-    text_scores,
-    token_stats,
-)
+from lmdistill.evaluate.answers import generation_metrics
+from lmdistill.evaluate.divergence import divergence_sums, first_response_mask
+from lmdistill.evaluate.metrics import LengthBuckets, answer_correct, exact_match, final_answer, rouge_l, text_scores
+from lmdistill.evaluate.run import evaluate_path, evaluate_run
+from lmdistill.generation import Generations
+from lmdistill.heldout import TokenStats, calibration_bins, expected_calibration_error, heldout_stats, token_stats
 from lmdistill.data.tokenize import IGNORE_INDEX
 from lmdistill.losses import response_ce_sum
 from lmdistill.train import fit
@@ -242,7 +233,7 @@ def test_eval_with_a_topk_cache_teacher_over_several_batches(tiny_run, tmp_path)
     stays the cache's (it was once overwritten by a loop variable, and the second batch crashed)."""
     import dataclasses
 
-    from lmdistill.teachers.cache import build_cache
+    from lmdistill.cache_teacher import build_cache
 
     run_dir = tiny_run.run_dir
     teacher = dataclasses.replace(tiny_run.teacher, kind="local", model=dataclasses.replace(

@@ -1,7 +1,8 @@
-"""Pure evaluation metrics: text overlap, answers, length buckets, calibration, divergence to a teacher.
+"""Pure answer metrics: text overlap, exact match, final answers, length buckets.
 
-No model is run here; everything takes strings or tensors, so each metric is tested against
-values worked out by hand (tests/test_evaluate.py).
+No model is run here; everything takes strings, so each metric is tested against values worked
+out by hand (tests/test_evaluate.py). Teacher-forced statistics (cross-entropy, calibration) are
+in :mod:`lmdistill.heldout`, divergences to a teacher in :mod:`lmdistill.evaluate.divergence`.
 
 - ROUGE-L: the F-measure of the longest common subsequence of words, from the ``rouge-score``
   package with its default tokenizer (lower-case, alphanumeric words) and Porter stemming, as in
@@ -12,8 +13,6 @@ values worked out by hand (tests/test_evaluate.py).
   normalisation (:func:`lmdistill.data.math.normalize_answer`).
 - Length buckets (DPKD, Sec. 4.6): references of length <= median, median < length <= mean,
   and > max(median, mean).
-- Expected calibration error (Guo et al. 2017): equal-width bins ((m-1)/M, m/M] of the
-  next-token confidence; ECE = sum_m n_m / N * |accuracy_m - confidence_m|.
 """
 
 from __future__ import annotations
@@ -26,10 +25,8 @@ import string
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-import torch
-from torch import Tensor
-
-from lmdistill.data.tokenize import IGNORE_INDEX
+from lmdistill.data.math import normalize_answer
+from lmdistill.heldout import TokenStats  # noqa: F401  (until train.py imports it from lmdistill.heldout)
 
 BUCKET_NAMES = ("<= median", "median-mean", "> mean")
 
@@ -82,8 +79,6 @@ def final_answer(text: str) -> str:
 
 def answer_correct(prediction: str, reference: str) -> bool:
     """Whether the final answers agree after the math task's normalisation."""
-    from lmdistill.data.math import normalize_answer
-
     return normalize_answer(final_answer(prediction)) == normalize_answer(final_answer(reference))
 
 
@@ -144,136 +139,3 @@ class LengthBuckets:
                 row[key] = mean([values[i] for i in idx])
             out.append(row)
         return out
-
-
-# --------------------------------------------------------------------------- calibration
-
-
-def calibration_bins(confidence: Tensor, correct: Tensor, n_bins: int) -> Tensor:
-    """Per-bin (count, summed confidence, summed correctness) for the ECE.
-
-    confidence: (N,) float in [0, 1], the probability of the predicted (arg-max) token.
-    correct: (N,) bool, whether that token is the reference one.
-    Returns (n_bins, 3) float64; bin m holds confidences in ((m-1)/M, m/M], the first also 0.
-    """
-    if confidence.shape != correct.shape or confidence.dim() != 1:
-        raise ValueError(f"confidence {tuple(confidence.shape)} and correct {tuple(correct.shape)} must be equal (N,)")
-    conf = confidence.detach().double()
-    idx = (torch.ceil(conf * n_bins) - 1).clamp(0, n_bins - 1).long()
-    out = torch.zeros(n_bins, 3, dtype=torch.float64, device=conf.device)
-    out[:, 0].index_add_(0, idx, torch.ones_like(conf))
-    out[:, 1].index_add_(0, idx, conf)
-    out[:, 2].index_add_(0, idx, correct.double())
-    return out.cpu()
-
-
-def expected_calibration_error(bins: Tensor) -> float:
-    """ECE = Σ_m n_m/N · |acc_m − conf_m| from :func:`calibration_bins`' (n_bins, 3) sums; NaN for N = 0."""
-    count, conf, correct = bins[:, 0], bins[:, 1], bins[:, 2]
-    total = float(count.sum())
-    if total == 0:
-        return math.nan
-    return float((correct - conf).abs().sum() / total)  # n_m·|acc_m − conf_m| = |Σ correct − Σ conf|
-
-
-@dataclass
-class TokenStats:
-    """Sums over held-out response tokens, added over batches and processes before taking means."""
-
-    ce: float
-    """Summed cross-entropy, nats."""
-    tokens: int
-    """Number of scored tokens."""
-    correct: int
-    """Tokens whose arg-max prediction is the reference token."""
-    bins: Tensor
-    """(n_bins, 3) calibration sums (see :func:`calibration_bins`)."""
-
-    @classmethod
-    def zeros(cls, n_bins: int) -> TokenStats:
-        return cls(0.0, 0, 0, torch.zeros(n_bins, 3, dtype=torch.float64))
-
-    def __add__(self, other: TokenStats) -> TokenStats:
-        return TokenStats(self.ce + other.ce, self.tokens + other.tokens, self.correct + other.correct,
-                          self.bins + other.bins)
-
-    def to_tensor(self, device: torch.device | str = "cpu") -> Tensor:
-        """Flat float64 vector (for a cross-process sum)."""
-        head = torch.tensor([self.ce, self.tokens, self.correct], dtype=torch.float64)
-        return torch.cat([head, self.bins.flatten()]).to(device)
-
-    @classmethod
-    def from_tensor(cls, flat: Tensor) -> TokenStats:
-        flat = flat.detach().double().cpu()
-        return cls(float(flat[0]), int(round(float(flat[1]))), int(round(float(flat[2]))), flat[3:].view(-1, 3).clone())
-
-    def metrics(self, prefix: str = "") -> dict[str, float]:
-        """Mean cross-entropy per token, next-token accuracy and ECE (NaN when no token was scored)."""
-        n = self.tokens
-        return {
-            f"{prefix}ce": self.ce / n if n else math.nan,
-            f"{prefix}token_acc": self.correct / n if n else math.nan,
-            f"{prefix}ece": expected_calibration_error(self.bins),
-        }
-
-
-def token_stats(logits: Tensor, labels: Tensor, *, n_bins: int = 10, chunk: int = 4096) -> TokenStats:
-    """Cross-entropy, arg-max correctness and calibration sums over the response tokens of a batch.
-
-    logits (B, T, V); labels (B, T) with ``IGNORE_INDEX`` on prompt and padding; position t
-    predicts token t + 1. Only the scored positions are taken out, then handled `chunk` rows at a
-    time in float32, so no (B, T, V) float32 copy is made.
-    """
-    if logits.shape[:-1] != labels.shape:
-        raise ValueError(f"logits {tuple(logits.shape)} must be labels {tuple(labels.shape)} + (V,)")
-    targets = labels[:, 1:]
-    mask = targets != IGNORE_INDEX
-    scored = logits[:, :-1][mask]  # (N, V)
-    tgt = targets[mask]  # (N,)
-    out = TokenStats.zeros(n_bins)
-    for a in range(0, tgt.numel(), chunk):
-        logp = torch.log_softmax(scored[a : a + chunk].float(), dim=-1)  # (C, V)
-        t = tgt[a : a + chunk]
-        top_logp, top_id = logp.max(dim=-1)
-        correct = top_id == t
-        out = out + TokenStats(
-            ce=-float(logp.gather(-1, t[:, None]).sum()),
-            tokens=int(t.numel()),
-            correct=int(correct.sum()),
-            bins=calibration_bins(top_logp.exp(), correct, n_bins),
-        )
-    return out
-
-
-# --------------------------------------------------------------------------- divergence to the teacher
-
-
-def first_response_mask(labels: Tensor) -> Tensor:
-    """(B, T) bool: the position predicting each row's first response token (none for a row without one)."""
-    from lmdistill.methods.common import prediction_mask
-
-    pred = prediction_mask(labels)
-    first = torch.zeros_like(pred)
-    has = pred.any(dim=1)
-    idx = pred.long().argmax(dim=1)
-    first[has.nonzero().squeeze(1), idx[has]] = True
-    return first
-
-
-def divergence_sums(student_logits: Tensor, teacher, labels: Tensor) -> dict[str, float]:
-    """Summed forward / reverse KL to the teacher at response positions (all, and the first of each row).
-
-    student_logits (B, T, V); teacher (B, T, V) logits or ``TopK``; labels (B, T) as in training.
-    Forward KL is KL(teacher ‖ student), reverse KL is KL(student ‖ teacher) (``lmdistill.losses``).
-    Returns sums and counts: fkl_all, rkl_all, n_all, fkl_first, rkl_first, n_first.
-    """
-    from lmdistill.losses import fkl, rkl
-    from lmdistill.methods.common import prediction_mask
-
-    every, first = prediction_mask(labels), first_response_mask(labels)
-    out = {}
-    for name, mask in (("all", every), ("first", first)):
-        out[f"fkl_{name}"] = float(fkl(student_logits, teacher, mask, reduction="sum"))
-        out[f"rkl_{name}"] = float(rkl(student_logits, teacher, mask, reduction="sum"))
-        out[f"n_{name}"] = int(mask.sum())
-    return out
