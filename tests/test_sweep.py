@@ -7,7 +7,8 @@ import yaml
 
 from lmdistill.cli import main
 from lmdistill.config import ConfigError, to_dict
-from lmdistill.sweep import parse_grid, plan, run_name, split_values, sweep
+from lmdistill.rundir import run_name
+from lmdistill.sweep import parse_grid, plan, split_values, sweep
 
 from conftest import tiny_run_config
 
@@ -70,14 +71,13 @@ def test_rerun_skips_finished_runs(config, tmp_path, monkeypatch, capsys):
     stamps = [(d / "train_summary.json").stat().st_mtime_ns for d in dirs]
 
     # A rerun trains nothing and evaluates nothing.
-    import lmdistill.evaluate
-    import lmdistill.train
+    import lmdistill.sweep
 
     def must_not_run(*args, **kwargs):
         raise AssertionError("a finished run was run again")
 
-    monkeypatch.setattr(lmdistill.train, "fit", must_not_run)
-    monkeypatch.setattr(lmdistill.evaluate, "evaluate_run", must_not_run)
+    monkeypatch.setattr(lmdistill.sweep, "fit", must_not_run)
+    monkeypatch.setattr(lmdistill.sweep, "evaluate_run", must_not_run)
     rows = sweep(config, ["seed=1,2", "train.lr=3e-3"], out_dir=out, progress=False)
     assert [r["status"] for r in rows] == ["skipped (finished)"] * 2
     assert [(d / "train_summary.json").stat().st_mtime_ns for d in dirs] == stamps

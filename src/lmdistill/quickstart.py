@@ -9,8 +9,11 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
+from lmdistill import rundir
 from lmdistill.config import RunConfig, build
-from lmdistill.evaluate import evaluate_run
+from lmdistill.evaluate.run import evaluate_run
+from lmdistill.methods import METHOD_CONFIGS
+from lmdistill.report import write_report
 from lmdistill.train import fit
 
 DATA = {"source": "math", "n_train": 20000, "n_eval": 400, "max_length": 96, "math_difficulty": 0.2}
@@ -66,6 +69,7 @@ def quickstart_configs(out_dir: str | Path, scale: float = 1.0,
                 "eval": EVAL,
                 "method": method,
             },
+            method_configs=METHOD_CONFIGS,
         )
 
     teacher = {"kind": "local", "model": {"path": str(out / "teacher" / "model")}}
@@ -78,21 +82,16 @@ def quickstart_configs(out_dir: str | Path, scale: float = 1.0,
 def quickstart(out_dir: str | Path = "runs/quickstart", scale: float = 1.0,
                methods: tuple[str, ...] = DEFAULT_METHODS) -> list[dict]:
     """Train and evaluate the demo's runs and print the comparison table; returns its rows."""
-    import json
-
-    from lmdistill.sweep import check_same_config, is_finished
-
     rows = []
     configs = quickstart_configs(out_dir, scale, methods)
     for cfg in configs.values():
-        check_same_config(cfg)  # before any training: a stale directory stops the demo at once
+        rundir.check_same_config(cfg)  # before any training: a stale directory stops the demo at once
     for label, cfg in configs.items():
         t0 = time.perf_counter()
-        eval_path = cfg.run_dir / "eval.json"
-        if is_finished(cfg.run_dir):  # a rerun (e.g. with more --methods) reuses finished runs
+        if rundir.is_finished(cfg.run_dir):  # a rerun (e.g. with more --methods) reuses finished runs
             print(f"{label}: finished before, reusing {cfg.run_dir}")
-            final = json.loads((cfg.run_dir / "train_summary.json").read_text())["final"]
-            ev = json.loads(eval_path.read_text()) if eval_path.exists() else evaluate_run(cfg.run_dir)
+            final = rundir.read_summary(cfg.run_dir)["final"]
+            ev = rundir.read_eval(cfg.run_dir) or evaluate_run(cfg.run_dir)
         else:
             final = fit(cfg).metrics
             ev = evaluate_run(cfg.run_dir)
@@ -110,8 +109,6 @@ def quickstart(out_dir: str | Path = "runs/quickstart", scale: float = 1.0,
     print()
     print(format_table(rows))
     print(f"\nrun directories: {Path(out_dir).resolve()}")
-    from lmdistill.report import write_report
-
     report = write_report([c.run_dir for c in configs.values()], Path(out_dir) / "report",
                           command=f"lmdistill report {Path(out_dir)} -o {Path(out_dir) / 'report'}")
     print(f"report: {report.markdown.resolve()}")

@@ -14,15 +14,19 @@ from __future__ import annotations
 
 import gc
 import itertools
-import re
 import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-import yaml
+import torch
+from accelerate import PartialState
 
-from lmdistill.config import ConfigError, RunConfig, load_config, to_dict
-from lmdistill.report import flatten
+from lmdistill.config import ConfigError, RunConfig
+from lmdistill.evaluate.run import evaluate_run
+from lmdistill.io import atomic_write_json
+from lmdistill.methods import load_config
+from lmdistill.rundir import EVAL, check_same_config, is_finished, run_name
+from lmdistill.train import fit
 
 ALIASES = {"seed": "train.seed"}
 """Short keys accepted on the command line."""
@@ -89,27 +93,6 @@ def parse_grid(args: list[str]) -> tuple[list[str], dict[str, list[str]]]:
     return fixed, axes
 
 
-def _short_keys(keys: list[str]) -> dict[str, str]:
-    """Dotted key → short name: its last part (``method.name`` → ``method``), the whole key where two would clash."""
-    last = {k: ("method" if k == "method.name" else k.rsplit(".", 1)[-1]) for k in keys}
-    counts: dict[str, int] = {}
-    for v in last.values():
-        counts[v] = counts.get(v, 0) + 1
-    return {k: (v if counts[v] == 1 else k) for k, v in last.items()}
-
-
-def _value_slug(value: str) -> str:
-    if "/" in value:  # a path: its file name without suffix
-        value = Path(value.rstrip("/")).stem or value
-    return re.sub(r"[^A-Za-z0-9._+=-]+", "_", value).strip("_") or "_"
-
-
-def run_name(varied: dict[str, str]) -> str:
-    """Directory name of a grid point: ``lam_prime=0.5__seed=1`` (``run`` when nothing varies)."""
-    short = _short_keys(list(varied))
-    return "__".join(f"{short[k]}={_value_slug(v)}" for k, v in varied.items()) or "run"
-
-
 def plan(config: str | Path | None, args: list[str], out_dir: str | Path | None = None) -> tuple[Path, list[SweepRun]]:
     """(sweep directory, runs) of a sweep; every config is built and validated before anything runs."""
     fixed, axes = parse_grid(args)
@@ -135,26 +118,6 @@ def plan(config: str | Path | None, args: list[str], out_dir: str | Path | None 
     return root, runs
 
 
-def check_same_config(cfg: RunConfig) -> None:
-    """Refuse to reuse a run directory written with a different config (keys both configs have)."""
-    saved_path = cfg.run_dir / "config.yaml"
-    if not saved_path.exists():
-        return
-    saved = flatten(yaml.safe_load(saved_path.read_text()) or {})
-    new = flatten(to_dict(cfg))
-    differ = [k for k in new if k in saved and k != "output_dir" and saved[k] != new[k]]
-    if differ:
-        shown = ", ".join(f"{k}: {saved[k]!r} there, {new[k]!r} now" for k in differ[:3])
-        raise ConfigError(
-            f"{cfg.run_dir} was made with a different config ({shown}); remove it or sweep into another directory (-o)"
-        )
-
-
-def is_finished(run_dir: Path) -> bool:
-    """A run is finished when its train_summary.json exists (fit writes it last)."""
-    return (Path(run_dir) / "train_summary.json").is_file()
-
-
 def sweep(
     config: str | Path | None,
     args: list[str],
@@ -164,13 +127,6 @@ def sweep(
     progress: bool = True,
 ) -> list[dict]:
     """Train (and evaluate) every grid point that is not finished; returns one status row per run."""
-    import torch
-    from accelerate import PartialState
-
-    from lmdistill.evaluate import evaluate_run
-    from lmdistill.io import atomic_write_json
-    from lmdistill.train import fit
-
     root, runs = plan(config, args, out_dir)
     for run in runs:
         check_same_config(run.cfg)
@@ -192,7 +148,7 @@ def sweep(
             fit(run.cfg, progress=progress)
             status = "trained"
         # A run trained now is evaluated again (an eval.json left from before would be stale).
-        if evaluate and main and (status == "trained" or not (run_dir / "eval.json").exists()):
+        if evaluate and main and (status == "trained" or not (run_dir / EVAL).exists()):
             evaluate_run(run_dir)
             status += ", evaluated"
         rows.append({"name": run.name, "run_dir": str(run_dir), "varied": run.varied, "status": status})
