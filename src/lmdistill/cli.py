@@ -14,10 +14,11 @@ from lmdistill.cache_teacher import build_cache
 from lmdistill.config import ConfigError, ElicitConfig, describe
 from lmdistill.data import DataError
 from lmdistill.elicit import TASKS, elicit
-from lmdistill.evaluate import evaluate_path, evaluate_run, is_run_dir
+from lmdistill.evaluate.run import evaluate_path, evaluate_run
 from lmdistill.methods import METHOD_CONFIGS, load_config
 from lmdistill.quickstart import DEFAULT_METHODS, STUDENT_METHODS, quickstart
 from lmdistill.report import ReportError, write_report
+from lmdistill.rundir import is_run_dir
 from lmdistill.sweep import sweep
 from lmdistill.train import fit
 
