@@ -27,9 +27,11 @@ import torch
 from lmdistill.config import RunConfig, build
 from lmdistill.data import collate, encode_rows, load_rows
 from lmdistill.losses import LOSSES, TopK
+from lmdistill.methods import METHOD_CONFIGS
 from lmdistill.methods.common import prediction_mask
 from lmdistill.models import load_model, load_tokenizer
-from lmdistill.teachers.cache import CachedTeacher, build_cache
+from lmdistill.cache_teacher import build_cache
+from lmdistill.teachers.cache import CachedTeacher
 from lmdistill.teachers.load import load_teacher
 
 
@@ -104,7 +106,7 @@ def main() -> None:
                   "eval_every": 0},
         "eval": {"n_generate": 0, "max_eval_rows": args.n_eval},
         "method": {"name": "kd", "alpha": 1.0},
-    })
+    }, method_configs=METHOD_CONFIGS)
     summary = build_cache(cfg, batch_size=16)
     tok = load_tokenizer(cfg.student)
     batches = heldout_batches(cfg, tok, 16)

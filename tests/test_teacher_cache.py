@@ -18,15 +18,15 @@ import yaml
 from lmdistill.cli import main
 from lmdistill.config import ConfigError, ModelConfig, RunConfig, build, save_config
 from lmdistill.data import collate, encode_rows, load_rows
-from lmdistill.losses import LOSSES, TopK
-from lmdistill.methods.common import prediction_mask
-from lmdistill.models import load_model, load_tokenizer, save_model
-from lmdistill.teachers import CapabilityError, LocalTeacher, TokenizerMismatch
+from lmdistill.losses import LOSSES, TopK, prediction_mask
+from lmdistill.methods import METHOD_CONFIGS
+from lmdistill.models import count_parameters, load_model, load_tokenizer, save_model
+from lmdistill.teachers import CapabilityError, LocalTeacher, Teacher, TokenizerMismatch
+from lmdistill.cache_teacher import build_cache
 from lmdistill.teachers.cache import (
     CacheError,
     CacheMiss,
     CachedTeacher,
-    build_cache,
     decode_ids,
     encode_ids,
     id_encoding,
@@ -182,12 +182,12 @@ def test_killed_half_way_resumes_without_recomputing(data, teacher_dir, tmp_path
     assert _files(tmp_path / "cache").keys() == after.keys()
 
     # All finished: the teacher is not even loaded.
-    monkeypatch.setattr("lmdistill.teachers.load.load_teacher", lambda *a, **k: pytest.fail("teacher loaded"))
+    monkeypatch.setattr("lmdistill.cache_teacher.load_teacher", lambda *a, **k: pytest.fail("teacher loaded"))
     assert build_cache(cfg, progress=False).computed == 0
 
 
 def test_a_crash_inside_a_shard_leaves_no_partial_file(data, teacher_dir, tmp_path, monkeypatch):
-    from lmdistill.teachers import cache as cache_module
+    from lmdistill import cache_teacher as cache_module
 
     cfg = config(data, tmp_path, teacher_dir, k=4, cache_shard_tokens=50)
     real = cache_module._compute_shard
@@ -219,6 +219,22 @@ def test_other_settings_in_the_same_directory_are_refused(data, teacher_dir, tmp
     build_cache(config(data, with_prefix, teacher_dir, k=4, prefix="1+1=2\n"), progress=False)
     with pytest.raises(CacheError, match=r"prefix_sha256: cache '[0-9a-f]{64}', config none"):
         build_cache(config(data, with_prefix, teacher_dir, k=4), progress=False)
+
+
+def test_cached_teacher_declares_the_protocol(data, teacher_dir, tmp_path):
+    """A cache is a Teacher: its own k and vocabulary, no weights and no forwards here (nothing for the
+    FLOP meter); the index keeps the parameter count of the teacher that built it."""
+    cfg = config(data, tmp_path, teacher_dir, k=4)
+    build_cache(cfg, progress=False)
+    tok = load_tokenizer(cfg.student)
+    cached = CachedTeacher(cfg.teacher.cache, tokenizer=tok)
+    assert isinstance(cached, Teacher)
+    assert (cached.k, cached.vocab_size, cached.tokenizer) == (4, V, tok)
+    assert (cached.weights, cached.prefix_ids, cached.modules()) == (None, [], [])
+    assert not hasattr(cached, "n_params")
+    assert CachedTeacher(cfg.teacher.cache).tokenizer is None
+    index = json.loads((tmp_path / "cache" / "index.json").read_text())
+    assert index["teacher_params"] == count_parameters(local(cfg).weights) > 0
 
 
 # --------------------------------------------------------------------------- size
@@ -367,14 +383,13 @@ def test_teacher_k_zero_builds_and_reads_the_default_64(data, teacher_dir, tmp_p
     from types import SimpleNamespace
 
     from lmdistill.methods.common import teacher_signal
-    from lmdistill.methods.base import FlopCounter
 
     cfg = config(data, tmp_path, teacher_dir, k=0)
     build_cache(cfg, progress=False)
     cfg.teacher.kind = "cache"
     teacher = load_teacher(cfg.teacher, load_tokenizer(cfg.student), torch.device("cpu"))
     assert teacher.k == 64
-    ctx = SimpleNamespace(teacher=teacher, cfg=cfg, count_teacher_forward=lambda n: None, flops=FlopCounter())
+    ctx = SimpleNamespace(teacher=teacher, cfg=cfg)
     signal = teacher_signal(ctx, batch_of(cfg))
     assert isinstance(signal, TopK) and signal.ids.shape[-1] == 64
 
@@ -504,7 +519,7 @@ def test_smollm2_cache_on_math_prompts(tmp_path):
         "train": {"steps": 2, "batch_size": 4, "warmup_steps": 1, "log_every": 1, "eval_every": 0},
         "eval": {"n_generate": 0},
         "method": {"name": "kd"},
-    })
+    }, method_configs=METHOD_CONFIGS)
     summary = build_cache(cfg, batch_size=4, progress=False)
     assert summary.complete and summary.rows == 8
     assert summary.bytes_per_token <= 300, summary
