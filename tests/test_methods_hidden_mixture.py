@@ -315,7 +315,7 @@ def test_hidden_two_processes_match_one(data, teacher_dir, tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     one, two = read_metrics(single.run_dir), read_metrics(tmp_path / "two")
     assert [r["loss"] for r in one] == pytest.approx([r["loss"] for r in two], rel=1e-5)
-    ckpt = Path("checkpoints") / "step_00000003" / "module_projection.safetensors"
+    ckpt = Path("checkpoints") / "step_00000003" / "model_1.safetensors"
     a, b = load_file(str(single.run_dir / ckpt)), load_file(str(tmp_path / "two" / ckpt))
     for k in a:
         torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-6)
@@ -345,7 +345,7 @@ def test_hidden_resumes_exactly_with_its_projection(loss, data, teacher_dir, tmp
         r[f"hidden_{loss}"] for r in read_metrics(resumed.run_dir)
     ]
     ckpts = sorted((straight.run_dir / "checkpoints").iterdir())
-    w2, w4 = (load_file(str(c / "module_projection.safetensors")) for c in ckpts)
+    w2, w4 = (load_file(str(c / "model_1.safetensors")) for c in ckpts)
     assert set(w2) == {f"maps.{i}.{p}" for i in range(3) for p in ("weight", "bias")}
     assert w2["maps.0.weight"].shape == (64, 32)
     assert not torch.equal(w2["maps.0.weight"], w4["maps.0.weight"])  # optimised with the student

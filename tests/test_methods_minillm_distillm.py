@@ -11,6 +11,7 @@ import torch
 from accelerate import Accelerator
 from transformers import LlamaConfig, LlamaForCausalLM, LogitsProcessorList
 
+from lmdistill.checkpoint import read_tree
 from lmdistill.config import RunConfig
 from lmdistill.data.tokenize import collate
 from lmdistill.losses.policy import future_returns, minillm_loss, ppo_clip_loss, teacher_mixed_logprobs
@@ -334,7 +335,7 @@ def test_distillm_resumes_exactly_with_its_buffer(data, teacher_dir, tmp_path):
     fit(straight, progress=False)
     broken = method_config(data, tmp_path / "b", teacher_dir, method, steps=8, checkpoint_every=4)
     fit(broken, stop_after=6, progress=False)
-    state = torch.load(broken.run_dir / "checkpoints" / "step_00000004" / "method.pt", weights_only=False)
+    state = read_tree(broken.run_dir / "checkpoints" / "step_00000004", "method")
     assert len(state["buffer"]) == 8 and state["schedule"]["reference"] is not None
     fit(broken, progress=False)
     a, b = metric_rows(straight.run_dir), metric_rows(broken.run_dir)

@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 import math
 import random
-import shutil
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass
@@ -20,15 +19,14 @@ from pathlib import Path
 import numpy as np
 import torch
 from accelerate import Accelerator
-from safetensors.torch import load_model as load_weights
-from safetensors.torch import save_model as save_weights
 
+from lmdistill import checkpoint
 from lmdistill.config import RunConfig, save_config, to_dict
 from lmdistill.data import collate, encode_rows
 from lmdistill.data.tokenize import Encoded, response_token_count
 from lmdistill.evaluate import answer_accuracy_counts, heldout_stats
 from lmdistill.evaluate.metrics import TokenStats
-from lmdistill.io import atomic_replace_dir, atomic_write_json, atomic_write_jsonl
+from lmdistill.io import atomic_write_json
 from lmdistill.methods import METHODS, FlopCounter, RunContext, make_method, method_rows
 from lmdistill.teachers.load import check_method_teacher, load_teacher
 from lmdistill.models import count_parameters, load_model, load_tokenizer, save_model
@@ -106,81 +104,6 @@ def heldout_metrics(
     return out
 
 
-# --------------------------------------------------------------------------- checkpoints
-
-
-def _checkpoints(run_dir: Path) -> list[Path]:
-    return sorted((run_dir / "checkpoints").glob("step_*"))
-
-
-def save_checkpoint(
-    run_dir: Path, step: int, model, optimizer, scheduler, method, state: dict, accelerator: Accelerator, keep: int,
-    modules: dict[str, torch.nn.Module] | None = None,
-) -> None:
-    """Write everything needed to continue exactly (weights, optimizer, schedule, RNG, data position).
-
-    `modules`: the method's extra trainable modules (`Method.extra_modules`), kept as `module_<name>.safetensors`.
-
-    Written into a temporary directory by every process, then renamed into place by the main one.
-    """
-    root = run_dir / "checkpoints"
-    tmp = root / f".tmp_step_{step:08d}"
-    if accelerator.is_main_process:
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
-    accelerator.wait_for_everyone()
-    rank = accelerator.process_index
-    rng = {
-        "python": random.getstate(),
-        "numpy": np.random.get_state(),
-        "torch": torch.get_rng_state(),
-        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
-    }
-    torch.save(rng, tmp / f"rng_{rank}.pt")
-    if accelerator.is_main_process:
-        save_weights(accelerator.unwrap_model(model), str(tmp / "model.safetensors"))
-        for name, module in (modules or {}).items():
-            save_weights(accelerator.unwrap_model(module), str(tmp / f"module_{name}.safetensors"))
-        torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
-        torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
-        torch.save(method.state_dict(), tmp / "method.pt")
-        atomic_write_json(tmp / "state.json", {**state, "step": step})
-    accelerator.wait_for_everyone()
-    if accelerator.is_main_process:
-        atomic_replace_dir(tmp, root / f"step_{step:08d}")
-        for old in _checkpoints(run_dir)[:-keep] if keep > 0 else []:
-            shutil.rmtree(old, ignore_errors=True)
-    accelerator.wait_for_everyone()
-
-
-def load_checkpoint(ckpt: Path, model, optimizer, scheduler, method, accelerator: Accelerator,
-                    modules: dict[str, torch.nn.Module] | None = None) -> dict:
-    """Restore a checkpoint written by :func:`save_checkpoint`; returns its state (step, flops, ...)."""
-    load_weights(accelerator.unwrap_model(model), str(ckpt / "model.safetensors"), device=str(accelerator.device))
-    for name, module in (modules or {}).items():
-        load_weights(accelerator.unwrap_model(module), str(ckpt / f"module_{name}.safetensors"),
-                     device=str(accelerator.device))
-    optimizer.load_state_dict(torch.load(ckpt / "optimizer.pt", map_location=accelerator.device, weights_only=False))
-    scheduler.load_state_dict(torch.load(ckpt / "scheduler.pt", weights_only=False))
-    method.load_state_dict(torch.load(ckpt / "method.pt", weights_only=False))
-    rng_file = ckpt / f"rng_{accelerator.process_index}.pt"
-    if rng_file.exists():
-        rng = torch.load(rng_file, weights_only=False)
-        random.setstate(rng["python"])
-        np.random.set_state(rng["numpy"])
-        torch.set_rng_state(rng["torch"])
-        if rng["cuda"] and torch.cuda.is_available():
-            torch.cuda.set_rng_state_all(rng["cuda"])
-    return json.loads((ckpt / "state.json").read_text())
-
-
-def _truncate_metrics(path: Path, step: int) -> None:
-    """Drop logged lines past `step` (they are recomputed after a resume)."""
-    if path.exists():
-        rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-        atomic_write_jsonl(path, [r for r in rows if r.get("step", 0) <= step])
-
-
 # --------------------------------------------------------------------------- the loop
 
 
@@ -248,13 +171,13 @@ def fit(cfg: RunConfig, *, stop_after: int | None = None, progress: bool = True)
 
     metrics_path = run_dir / "metrics.jsonl"
     start, tokens_seen = 0, 0
-    ckpts = _checkpoints(run_dir) if t.resume else []
-    if ckpts:
-        state = load_checkpoint(ckpts[-1], model, optimizer, scheduler, method, accelerator, ctx.modules)
+    ckpt = checkpoint.latest(run_dir) if t.resume else None
+    if ckpt is not None:
+        state = checkpoint.load(ckpt, accelerator, objects={"lr_schedule": scheduler, "method": method})
         start, tokens_seen = state["step"], state["tokens"]
         ctx.flops = FlopCounter(train=state["flops_train"], other=state["flops_other"])
         if accelerator.is_main_process:
-            _truncate_metrics(metrics_path, start)
+            checkpoint.truncate_metrics(metrics_path, start)
             print(f"resuming {run_dir} from step {start}")
     elif accelerator.is_main_process:
         metrics_path.unlink(missing_ok=True)
@@ -340,8 +263,8 @@ def fit(cfg: RunConfig, *, stop_after: int | None = None, progress: bool = True)
             bar.set_postfix(loss=f"{last['loss']:.4f}", **({"eval": f"{last['eval_ce']:.4f}"} if "eval_ce" in last else {}))
         if t.checkpoint_every and done % t.checkpoint_every == 0:
             state = {"tokens": tokens_seen, "flops_train": ctx.flops.train, "flops_other": ctx.flops.other}
-            save_checkpoint(run_dir, done, model, optimizer, scheduler, method, state, accelerator, t.keep_checkpoints,
-                            ctx.modules)
+            checkpoint.save(run_dir, done, accelerator, state, objects={"lr_schedule": scheduler, "method": method},
+                            keep=t.keep_checkpoints)
         if stop_after is not None and done >= stop_after:
             if bar is not None:
                 bar.close()

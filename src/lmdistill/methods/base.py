@@ -111,7 +111,8 @@ class Method:
         Called once by the loop, with the (unwrapped) student, before the optimizer is made. The loop
         moves them to the device and wraps them for DDP (the method reaches them, prepared, as
         ``self.ctx.modules[name]``), optimises and clips them with the student, and keeps them in
-        checkpoints (``module_<name>.safetensors``); they are not part of the saved model. Default: none.
+        checkpoints (accelerate's ``model_<i>.safetensors``, i = 1, 2, ... in this order); they are not part of
+        the saved model. Default: none.
         """
         return {}
 
