@@ -127,6 +127,8 @@ class Transport:
         """One attempt: the parsed JSON reply; :class:`_Retryable` or :class:`ServerError` on failure."""
         try:
             response = self._client.request(method, url, json=body)
+        except httpx.UnsupportedProtocol as e:  # a base_url without http(s)://: no retry can help
+            raise ServerError(f"{method} {url}: {e}") from None
         except httpx.TimeoutException as e:
             raise _Retryable(f"timed out after {self.timeout}s ({type(e).__name__})", timeout=True) from None
         except httpx.TransportError as e:
