@@ -168,7 +168,7 @@ def test_truncate_metrics(tmp_path):
 
 FIT_SCRIPT = """\
 import sys
-from lmdistill.config import load_config
+from lmdistill.methods import load_config
 from lmdistill.train import fit
 fit(load_config(sys.argv[1]), stop_after=int(sys.argv[2]), progress=False)
 """
