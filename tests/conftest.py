@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 
 from lmdistill.config import RunConfig, build
+from lmdistill.methods import METHOD_CONFIGS
 
 
 def write_addition_jsonl(path: Path, n: int, seed: int = 0) -> Path:
@@ -43,7 +44,7 @@ def tiny_run_config(data: Path, out: Path, **sections) -> RunConfig:
     }
     for k, v in sections.items():
         base[k] = {**base.get(k, {}), **v} if isinstance(v, dict) else v
-    return build(RunConfig, base)
+    return build(RunConfig, base, method_configs=METHOD_CONFIGS)
 
 
 def read_metrics(run_dir: Path) -> list[dict]:
@@ -76,9 +77,8 @@ def heldout_kls(cfg: RunConfig, model_dir: Path | None, teacher_dir: Path) -> tu
     import torch
 
     from lmdistill.data.tokenize import collate, encode_rows
-    from lmdistill.losses import LOSSES
+    from lmdistill.losses import LOSSES, prediction_mask
     from lmdistill.methods import method_rows
-    from lmdistill.methods.common import prediction_mask
     from lmdistill.models import load_model, load_tokenizer
 
     tok = load_tokenizer(cfg.student)

@@ -12,10 +12,9 @@ from lmdistill.config import RunConfig
 from lmdistill.data.rows import DataError
 from lmdistill.data.tokenize import collate
 from lmdistill.methods import METHODS
-from lmdistill.methods.common import prediction_mask
 from lmdistill.models import load_tokenizer
-from lmdistill.teachers import Capability, CapabilityError
-from lmdistill.teachers.load import check_method_teacher
+from lmdistill.losses import prediction_mask
+from lmdistill.teachers import Capability, CapabilityError, Teacher, check_needs
 from lmdistill.methods import method_rows
 from lmdistill.train import encode_rows, fit
 
@@ -112,8 +111,8 @@ def test_dpo_form_resumes_exactly(data, teacher_dir, tmp_path):
     assert losses(straight.run_dir) == pytest.approx(losses(tmp_path / "b"), rel=1e-5)
 
 
-class _TokenOnly:
-    """A teacher that can only score given tokens (like a served model with echo)."""
+class _TokenOnly(Teacher):
+    """A teacher that can only score given tokens (like a served model with echo), with no weights here."""
 
     capability = Capability.TOKEN
     name = "served:test"
@@ -121,17 +120,21 @@ class _TokenOnly:
 
 @pytest.mark.parametrize("name", sorted(METHODS))
 def test_teacher_needs_are_refused_clearly(name):
-    needs = METHODS[name].needs
-    if needs is None:
-        check_method_teacher(name, needs, None)
+    method = METHODS[name]
+    needs = method.teacher_needs(method.config_class(name=name))
+    if needs.capability is None:
+        check_needs(name, needs, None)
         return
     with pytest.raises(CapabilityError, match=f"method {name!r} needs a teacher"):
-        check_method_teacher(name, needs, None)
-    if needs > Capability.TOKEN:
-        with pytest.raises(CapabilityError, match=f"{name}.*{needs}"):
-            check_method_teacher(name, needs, _TokenOnly())
+        check_needs(name, needs, None)
+    if needs.capability > Capability.TOKEN:
+        with pytest.raises(CapabilityError, match=f"{name}.*{needs.capability}"):
+            check_needs(name, needs, _TokenOnly())
+    elif needs.weights:
+        with pytest.raises(CapabilityError, match=f"{name}.*no weights here"):
+            check_needs(name, needs, _TokenOnly())
     else:
-        check_method_teacher(name, needs, _TokenOnly())
+        check_needs(name, needs, _TokenOnly())
 
 
 def test_kd_without_teacher_stops_before_writing(data, tmp_path):

@@ -15,7 +15,7 @@ from transformers import AutoModelForCausalLM
 
 from lmdistill.config import ConfigError, ModelConfig, RunConfig, TeacherConfig, build, save_config
 from lmdistill.data import encode_rows, load_rows
-from lmdistill.evaluate import teacher_divergences
+from lmdistill.evaluate.divergence import teacher_divergences
 from lmdistill.losses import TopK, token_logprobs
 from lmdistill.methods.hidden import default_layer_map, hidden_distance
 from lmdistill.models import build_char_tokenizer, load_model, load_tokenizer, save_model
@@ -106,7 +106,7 @@ def test_mixture_closed_form_on_tiny_distributions():
     = (.2, .2125, .25625, .33125); position 1: ¼·(.7, .1, .1, .1) + ¾·(.25, .25, .25, .25) = (.3625, .2125, .2125, .2125).
     Scoring tokens (0, 3): position 1 holds log p_mix(3 | position 0) = log .33125; position 0 is 0."""
     mix = MixtureTeacher([FixedTeacher(P1), FixedTeacher(P2)], [1.0, 3.0])
-    assert mix.weights == [0.25, 0.75] and mix.capability == Capability.FULL
+    assert mix.mix_weights == [0.25, 0.75] and mix.capability == Capability.FULL
     ids, am = torch.tensor([[0, 3]]), torch.ones(1, 2, dtype=torch.long)
     expected = torch.tensor([[[0.2, 0.2125, 0.25625, 0.33125], [0.3625, 0.2125, 0.2125, 0.2125]]])
     logits = mix.logits(ids, am)
@@ -187,7 +187,7 @@ def test_mixture_of_equal_teachers_is_each(teacher_dir):
     tok = build_char_tokenizer()
     single = load_teacher(build(TeacherConfig, local(teacher_dir)), tok, CPU)
     mix = load_teacher(build(TeacherConfig, mixture((teacher_dir, 1.0), (teacher_dir, 2.0))), tok, CPU)
-    assert mix.weights == pytest.approx([1 / 3, 2 / 3])
+    assert mix.mix_weights == pytest.approx([1 / 3, 2 / 3])
     b = probe_batch()
     ids, am = b["input_ids"], b["attention_mask"]
     torch.testing.assert_close(mix.logits(ids, am), torch.log_softmax(single.logits(ids, am).float(), -1),
@@ -253,7 +253,7 @@ def test_default_layer_map_and_distances():
 @torch.no_grad()
 def heldout(cfg: RunConfig, model_dir: Path | None, teacher_dir: Path) -> tuple[float, float]:
     """(KL(teacher ‖ student), student CE) per response token on the run's held-out rows."""
-    from lmdistill.evaluate import heldout_stats
+    from lmdistill.heldout import heldout_stats
 
     tok = load_tokenizer(cfg.student)
     spec = cfg.student if model_dir is None else ModelConfig(path=str(model_dir))

@@ -20,6 +20,7 @@ from lmdistill.methods.common import sample_responses
 from lmdistill.methods.distillm import AdaptiveOffPolicy, DistiLLM
 from lmdistill.methods.minillm import TeacherMixedSampling
 from lmdistill.models import build_char_tokenizer
+from lmdistill.teachers import CapabilityError
 from lmdistill.train import fit
 
 from conftest import heldout_kls, read_metrics, tiny_run_config
@@ -175,7 +176,7 @@ class _Recording(TeacherMixedSampling):
 
 def _ctx(tok, model, data: Path, tmp_path: Path) -> RunContext:
     cfg = tiny_run_config(data, tmp_path / "ctx")
-    return RunContext(cfg=cfg, tokenizer=tok, accelerator=Accelerator(cpu=True), student_params=1, model=model)
+    return RunContext(cfg=cfg, tokenizer=tok, accelerator=Accelerator(cpu=True), model=model)
 
 
 def _prompt_batch(tok, prompts: list[str]) -> dict[str, torch.Tensor]:
@@ -367,8 +368,23 @@ def test_bad_options_name_the_field(data, tmp_path):
 
 
 def test_minillm_needs_full_logits(data, teacher_dir, tmp_path):
-    assert METHODS["minillm"].needs.name == "FULL" and METHODS["distillm"].needs.name == "TOPK"
+    needs = {name: METHODS[name].teacher_needs(METHODS[name].config_class()) for name in ("minillm", "distillm")}
+    assert needs["minillm"].capability.name == "FULL" and needs["distillm"].capability.name == "TOPK"
     cfg = tiny_run_config(data, tmp_path / "k", teacher={"kind": "local", "model": {"path": str(teacher_dir)}, "k": 4},
                           method={"name": "minillm"})
     with pytest.raises(ValueError, match="teacher.k=4 must be 0"):
         fit(cfg, progress=False)
+
+
+def test_minillm_refuses_a_mixture_before_writing(data, teacher_dir, tmp_path):
+    """A mixture gives full logits but has no model of its own to sample alongside the student: refused
+    before anything is written (it used to pass the capability check and fail inside the first step)."""
+    members = [{"path": str(teacher_dir), "weight": 1.0}] * 2
+    cfg = tiny_run_config(data, tmp_path / "mix", teacher={"kind": "mixture", "mixture": members},
+                          method={"name": "minillm"})
+    with pytest.raises(CapabilityError, match="minillm.*teacher-mixed sampling.*has no weights here"):
+        fit(cfg, progress=False)
+    assert not (tmp_path / "mix").exists()
+    fit(tiny_run_config(data, tmp_path / "mix0", teacher={"kind": "mixture", "mixture": members},
+                        method={"name": "minillm", "mix_alpha": 0.0, "max_new_tokens": 3}, train={"steps": 1}),
+        progress=False)

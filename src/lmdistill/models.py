@@ -21,6 +21,7 @@ from transformers import (
 )
 
 from lmdistill.config import ModelConfig
+from lmdistill.flops import count_parameters  # noqa: F401  (part of the models API)
 
 CHAR_SPECIALS = ("<pad>", "<bos>", "<eos>", "<unk>")
 # Printable ASCII and newline: everything the math generator writes.
@@ -128,17 +129,6 @@ def load_model(
     kwargs["dtype"] = "auto" if spec.dtype == "auto" else _DTYPES[spec.dtype]
     model = AutoModelForCausalLM.from_pretrained(directory, **kwargs)
     return model
-
-
-def count_parameters(model: torch.nn.Module, *, non_embedding: bool = True) -> int:
-    """Parameters of a model; with `non_embedding`, the input embedding is left out (as FLOP counts do)."""
-    total = sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
-    if non_embedding and hasattr(model, "get_input_embeddings"):
-        emb = model.get_input_embeddings()
-        out = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
-        if emb is not None and (out is None or out.weight is not emb.weight):
-            total -= emb.weight.numel()
-    return total
 
 
 def save_model(model: PreTrainedModel, tokenizer: PreTrainedTokenizerFast, directory: Path) -> None:

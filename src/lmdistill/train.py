@@ -20,16 +20,22 @@ import numpy as np
 import torch
 from accelerate import Accelerator
 
+from tqdm.auto import tqdm
+from transformers import PreTrainedTokenizerBase
+
 from lmdistill import checkpoint
 from lmdistill.config import RunConfig, save_config, to_dict
 from lmdistill.data import collate, encode_rows
-from lmdistill.data.tokenize import Encoded, response_token_count
-from lmdistill.evaluate import answer_accuracy_counts, heldout_stats
-from lmdistill.evaluate.metrics import TokenStats
+from lmdistill.data.tokenize import Encoded
+from lmdistill.evaluate.answers import answer_accuracy_counts
+from lmdistill.flops import count_parameters
+from lmdistill.heldout import TokenStats, heldout_stats
 from lmdistill.io import atomic_write_json
-from lmdistill.methods import METHODS, FlopCounter, RunContext, make_method, method_rows
-from lmdistill.teachers.load import check_method_teacher, load_teacher
-from lmdistill.models import count_parameters, load_model, load_tokenizer, save_model
+from lmdistill.methods import METHODS, Method, RunContext, make_method, method_rows
+from lmdistill.methods.base import ROWS, Batch, Term, term_units
+from lmdistill.models import load_model, load_tokenizer, save_model
+from lmdistill.teachers import check_needs
+from lmdistill.teachers.load import load_teacher
 
 
 @dataclass
@@ -120,165 +126,189 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def fit(cfg: RunConfig, *, stop_after: int | None = None, progress: bool = True) -> FitResult:
-    """Train `cfg.student` by `cfg.method`; writes the run directory and returns where it is.
+@dataclass
+class Run:
+    """Everything `fit` sets up: the prepared models, optimizer and method, the data, where to write."""
 
-    `stop_after` ends the run abruptly after that step (after its checkpoint, if one is due),
-    without saving the final model: it stands for a crash in tests of resuming.
-    """
+    cfg: RunConfig
+    accelerator: Accelerator
+    tokenizer: PreTrainedTokenizerBase
+    train_set: list[Encoded]
+    eval_set: list[Encoded]
+    eval_rows: list[dict]
+    model: torch.nn.Module
+    method: Method
+    ctx: RunContext
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LambdaLR
+    trained: list[torch.nn.Parameter]
+    n_params: int
+
+
+def setup(cfg: RunConfig) -> Run:
+    """Data, teacher (checked against the method before anything is written), run directory, student,
+    method, optimizer and schedule, all prepared by accelerate; every model's forwards metered."""
     t = cfg.train
     # cpu=True when there is no GPU lets a launch of several processes run DDP on gloo.
     accelerator = Accelerator(mixed_precision=_mixed_precision(t.mixed_precision), cpu=not torch.cuda.is_available())
-    world, rank = accelerator.num_processes, accelerator.process_index
-    if t.batch_size % (world * t.grad_accum):
-        raise ValueError(
-            f"train.batch_size={t.batch_size} must be divisible by processes ({world}) x train.grad_accum ({t.grad_accum})"
-        )
+    if t.batch_size % (accelerator.num_processes * t.grad_accum):
+        raise ValueError(f"train.batch_size={t.batch_size} must be divisible by processes "
+                         f"({accelerator.num_processes}) x train.grad_accum ({t.grad_accum})")
     seed_everything(t.seed)
-
     # Data first: a bad row stops the run before anything is written.
     tokenizer = load_tokenizer(cfg.student)
     train_rows, eval_rows = method_rows(cfg)
     enc_kw = dict(max_length=cfg.data.max_length, truncation=cfg.data.truncation, system_prompt=cfg.data.system_prompt)
     train_set = encode_rows(tokenizer, train_rows, **enc_kw)
     eval_set = encode_rows(tokenizer, eval_rows[: cfg.eval.max_eval_rows], **enc_kw)
-    pad_id = tokenizer.pad_token_id
-
-    # The teacher, checked against the method before anything is written.
     teacher = load_teacher(cfg.teacher, tokenizer, accelerator.device)
-    check_method_teacher(cfg.method.name, METHODS[cfg.method.name].needs, teacher)
-
-    run_dir = cfg.run_dir
+    method_cls = METHODS[cfg.method.name]
+    check_needs(cfg.method.name, method_cls.teacher_needs(cfg.method), teacher)
     if accelerator.is_main_process:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        save_config(cfg, run_dir / "config.yaml")
+        cfg.run_dir.mkdir(parents=True, exist_ok=True)
+        save_config(cfg, cfg.run_dir / "config.yaml")
     accelerator.wait_for_everyone()
 
     model = load_model(cfg.student, tokenizer, seed=t.seed)
     model.train()
-    n_params = count_parameters(model)
-    ctx = RunContext(cfg=cfg, tokenizer=tokenizer, accelerator=accelerator, student_params=n_params, teacher=teacher,
-                     teacher_params=getattr(teacher, "n_params", 0))
+    ctx = RunContext(cfg=cfg, tokenizer=tokenizer, accelerator=accelerator, teacher=teacher)
+    for module in [model, *(teacher.modules() if teacher is not None else [])]:
+        ctx.flops.attach(module)
     method = make_method(cfg.method, ctx)
     extras = method.extra_modules(model)  # trained with the student, checkpointed, not saved with it
     optimizer = torch.optim.AdamW(optimizer_groups(torch.nn.ModuleList([model, *extras.values()]), t.weight_decay),
                                   lr=t.lr, betas=t.betas)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda s: lr_lambda(s, warmup=t.warmup_steps, total=t.steps, min_ratio=t.min_lr_ratio)
-    )
+        optimizer, lambda s: lr_lambda(s, warmup=t.warmup_steps, total=t.steps, min_ratio=t.min_lr_ratio))
+    n_params = count_parameters(model)
     model, optimizer, *prepared = accelerator.prepare(model, optimizer, *extras.values())
     ctx.model, ctx.modules = model, dict(zip(extras, prepared))
+    trained = [*model.parameters(), *(p for m in prepared for p in m.parameters())]
+    return Run(cfg, accelerator, tokenizer, train_set, eval_set, eval_rows, model, method, ctx, optimizer, scheduler,
+               trained, n_params)
 
-    metrics_path = run_dir / "metrics.jsonl"
+
+def step_units(batches: list[Batch], accelerator: Accelerator) -> dict[str, float]:
+    """Units of every kind a term may be normalised by (each label key's trained tokens, rows), and
+    `tokens` (non-padded tokens of the data micro-batches), summed over the step's micro-batches and processes."""
+    kinds = sorted({k for b in batches for k in b if k.endswith("labels")} | {ROWS})
+    local = [sum(term_units(b, kind) for b in batches if kind == ROWS or kind in b) for kind in kinds]
+    local.append(sum(float(b["attention_mask"].sum()) for b in batches))
+    total = accelerator.reduce(torch.tensor(local, dtype=torch.float64, device=accelerator.device), "sum").tolist()
+    return {**dict(zip(kinds, total[:-1])), "tokens": total[-1]}
+
+
+def step_loss(terms: dict[str, Term], units: dict[str, float]) -> torch.Tensor:
+    """Σ_terms weight · value / (the term's units over the whole step): the one normalisation of every method."""
+    loss = torch.zeros((), device=next(iter(terms.values())).value.device)
+    for term in terms.values():
+        if term.weight != 0:
+            loss = loss + term.weight * term.value / max(units[term.per], 1.0)
+    return loss
+
+
+def log_step(run: Run, sums: dict[str, list[float]], units: dict[str, float], objective: float, done: int,
+             tokens_seen: int, t0: float) -> dict:
+    """The step's logged numbers, summed over processes: objective, each term (Σ value / Σ units) and metric
+    (Σ / Σ), learning rate, cumulative tokens and FLOPs."""
+    keys = sorted(sums)
+    flops = run.ctx.flops
+    local = [objective, flops.train, flops.other] + [x for k in keys for x in sums[k]]
+    reduced = run.accelerator.reduce(torch.tensor(local, dtype=torch.float64, device=run.accelerator.device), "sum")
+    reduced = reduced.tolist()
+    out = {"step": done, "loss": reduced[0], "lr": run.scheduler.get_last_lr()[0], "tokens": tokens_seen,
+           "flops": reduced[1] + reduced[2], "flops_train": reduced[1], "flops_other": reduced[2],
+           "time": time.perf_counter() - t0}
+    out.update({k: reduced[3 + 2 * j] / max(reduced[4 + 2 * j], 1e-12) for j, k in enumerate(keys)})
+    return out
+
+
+def fit(cfg: RunConfig, *, stop_after: int | None = None, progress: bool = True) -> FitResult:
+    """Train `cfg.student` by `cfg.method`; writes the run directory and returns where it is.
+
+    `stop_after` ends the run abruptly after that step (after its checkpoint, if one is due),
+    without saving the final model: it stands for a crash in tests of resuming.
+    """
+    run = setup(cfg)
+    t, acc, model, method, ctx = cfg.train, run.accelerator, run.model, run.method, run.ctx
+    world, rank = acc.num_processes, acc.process_index
+    metrics_path = cfg.run_dir / "metrics.jsonl"
     start, tokens_seen = 0, 0
-    ckpt = checkpoint.latest(run_dir) if t.resume else None
+    ckpt = checkpoint.latest(cfg.run_dir) if t.resume else None
     if ckpt is not None:
-        state = checkpoint.load(ckpt, accelerator, objects={"lr_schedule": scheduler, "method": method})
+        state = checkpoint.load(ckpt, acc, objects={"lr_schedule": run.scheduler, "method": method})
         start, tokens_seen = state["step"], state["tokens"]
-        ctx.flops = FlopCounter(train=state["flops_train"], other=state["flops_other"])
-        if accelerator.is_main_process:
+        # Every process holds the global totals after a resume: keep them on the main one only.
+        ctx.flops.train, ctx.flops.other = (state["flops_train"], state["flops_other"]) if rank == 0 else (0.0, 0.0)
+        if acc.is_main_process:
             checkpoint.truncate_metrics(metrics_path, start)
-            print(f"resuming {run_dir} from step {start}")
-    elif accelerator.is_main_process:
+            print(f"resuming {cfg.run_dir} from step {start}")
+    elif acc.is_main_process:
         metrics_path.unlink(missing_ok=True)
-    accelerator.wait_for_everyone()
-
-    writer = _tensorboard(run_dir) if accelerator.is_main_process else None
-    bar = None
-    if progress and accelerator.is_main_process:
-        from tqdm.auto import tqdm
-
-        bar = tqdm(total=t.steps, initial=start, desc=f"{cfg.name} [{cfg.method.name}]", dynamic_ncols=True)
+    acc.wait_for_everyone()
+    writer = _tensorboard(cfg.run_dir) if acc.is_main_process else None
+    bar = tqdm(total=t.steps, initial=start, desc=f"{cfg.name} [{cfg.method.name}]", dynamic_ncols=True,
+               disable=not (progress and acc.is_main_process))
 
     last: dict = {}
     t0 = time.perf_counter()
     for step in range(start, t.steps):
         ctx.step = step
-        other_before = ctx.flops.other
-        rows = step_rows(step, len(train_set), t.batch_size, t.seed)
+        rows = step_rows(step, len(run.train_set), t.batch_size, t.seed)
         batches = []
         for idx in micro_batches(rows, accum=t.grad_accum, world=world, rank=rank):
-            b = {k: v.to(accelerator.device) for k, v in collate([train_set[i] for i in idx], pad_id).items()}
+            b = {k: v.to(acc.device) for k, v in collate([run.train_set[i] for i in idx], run.tokenizer.pad_token_id).items()}
             batches.append(method.sequences(b))
-        counts = torch.tensor(
-            [sum(response_token_count(b["labels"]) for b in batches), sum(int(b["attention_mask"].sum()) for b in batches)],
-            dtype=torch.float64,
-            device=accelerator.device,
-        )
-        n_trained, n_tokens = accelerator.reduce(counts, reduction="sum").tolist()
-
-        loss_sum = torch.zeros((), dtype=torch.float64, device=accelerator.device)
+        units = step_units(batches, acc)
         sums: dict[str, list[float]] = {}
+        objective = 0.0
         for i, b in enumerate(batches):
-            sync = i == len(batches) - 1
-            with nullcontext() if sync else accelerator.no_sync(model), accelerator.autocast():
-                loss, m = method.loss(model, b)
-            # DDP averages gradients over processes; scale so that the result is the global token mean.
-            accelerator.backward(loss * world / max(n_trained, 1.0))
-            loss_sum += loss.detach().double()
-            for k, (v, n) in m.items():
-                acc = sums.setdefault(k, [0.0, 0.0])
-                acc[0] += v
-                acc[1] += n
-        trained = [*model.parameters(), *(p for m in extras.values() for p in m.parameters())]
-        grad_norm = accelerator.clip_grad_norm_(trained, t.max_grad_norm) if t.max_grad_norm > 0 else None
-        optimizer.step()
-        scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
+            with nullcontext() if i == len(batches) - 1 else acc.no_sync(model), acc.autocast():
+                terms, metrics = method.loss(model, b)
+                loss = step_loss(terms, units)
+            acc.backward(loss * world)  # DDP averages gradients over processes; the loss is already a global mean
+            objective += float(loss.detach())
+            for name, term in terms.items():
+                metrics[name] = (float(term.value), term_units(b, term.per))
+            for k, (v, n) in metrics.items():
+                acc_k = sums.setdefault(k, [0.0, 0.0])
+                acc_k[0], acc_k[1] = acc_k[0] + v, acc_k[1] + n
+        grad_norm = acc.clip_grad_norm_(run.trained, t.max_grad_norm) if t.max_grad_norm > 0 else None
+        run.optimizer.step()
+        run.scheduler.step()
+        run.optimizer.zero_grad(set_to_none=True)
 
-        keys = sorted(sums)
-        reduced = accelerator.reduce(
-            torch.tensor([loss_sum.item(), ctx.flops.other - other_before] + [x for k in keys for x in sums[k]],
-                         dtype=torch.float64, device=accelerator.device),
-            reduction="sum",
-        ).tolist()
-        ctx.flops.other = other_before + reduced[1]
-        ctx.flops.add_update(n_params, int(n_tokens))
-        tokens_seen += int(n_tokens)
         done = step + 1
-        last = {
-            "step": done,
-            "loss": reduced[0] / max(n_trained, 1.0),
-            "lr": scheduler.get_last_lr()[0],
-            "tokens": tokens_seen,
-            "flops": ctx.flops.total,
-            "flops_train": ctx.flops.train,
-            "time": time.perf_counter() - t0,
-        }
+        tokens_seen += int(units["tokens"])
+        last = log_step(run, sums, units, objective, done, tokens_seen, t0)
         if grad_norm is not None:
             last["grad_norm"] = float(grad_norm)
-        for j, k in enumerate(keys):
-            last[k] = reduced[2 + 2 * j] / max(reduced[3 + 2 * j], 1e-12)
         if (t.eval_every and done % t.eval_every == 0) or done == t.steps:
-            last.update(heldout_metrics(model, eval_set, eval_rows, tokenizer, accelerator, cfg))
-        if accelerator.is_main_process and (done % t.log_every == 0 or "eval_ce" in last or done == t.steps):
+            last.update(heldout_metrics(model, run.eval_set, run.eval_rows, run.tokenizer, acc, cfg))
+        if acc.is_main_process and (done % t.log_every == 0 or "eval_ce" in last or done == t.steps):
             with metrics_path.open("a") as f:
                 f.write(json.dumps(last) + "\n")
             if writer is not None:
                 for k, v in last.items():
-                    if k != "step":
-                        writer.add_scalar(k, v, done)
-        if bar is not None:
-            bar.update(1)
-            bar.set_postfix(loss=f"{last['loss']:.4f}", **({"eval": f"{last['eval_ce']:.4f}"} if "eval_ce" in last else {}))
+                    writer.add_scalar(k, v, done)
+        bar.update(1)
+        bar.set_postfix(loss=f"{last['loss']:.4f}", **({"eval": f"{last['eval_ce']:.4f}"} if "eval_ce" in last else {}))
         if t.checkpoint_every and done % t.checkpoint_every == 0:
-            state = {"tokens": tokens_seen, "flops_train": ctx.flops.train, "flops_other": ctx.flops.other}
-            checkpoint.save(run_dir, done, accelerator, state, objects={"lr_schedule": scheduler, "method": method},
+            state = {"tokens": tokens_seen, "flops_train": last["flops_train"], "flops_other": last["flops_other"]}
+            checkpoint.save(cfg.run_dir, done, acc, state, objects={"lr_schedule": run.scheduler, "method": method},
                             keep=t.keep_checkpoints)
         if stop_after is not None and done >= stop_after:
-            if bar is not None:
-                bar.close()
-            return FitResult(run_dir, done, last)
-    if bar is not None:
-        bar.close()
+            bar.close()
+            return FitResult(cfg.run_dir, done, last)
+    bar.close()
     if writer is not None:
         writer.close()
-
-    if accelerator.is_main_process:
-        save_model(accelerator.unwrap_model(model), tokenizer, run_dir / "model")
-        atomic_write_json(run_dir / "train_summary.json", {"config": to_dict(cfg), "final": last, "params": n_params})
-    accelerator.wait_for_everyone()
-    return FitResult(run_dir, t.steps, last)
+    if acc.is_main_process:
+        save_model(acc.unwrap_model(model), run.tokenizer, cfg.run_dir / "model")
+        atomic_write_json(cfg.run_dir / "train_summary.json", {"config": to_dict(cfg), "final": last,
+                                                               "params": run.n_params})
+    acc.wait_for_everyone()
+    return FitResult(cfg.run_dir, t.steps, last)
 
 
 def _tensorboard(run_dir: Path):

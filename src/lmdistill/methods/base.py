@@ -1,11 +1,12 @@
-"""What a method is: where its sequences come from, which loss applies, what it needs from a teacher.
+"""What a method is: where its sequences come from, which loss terms apply, what it needs from a teacher.
 
 The training loop (`lmdistill.train.fit`) is the same for every method. Per micro-batch it calls
 ``method.sequences(batch)`` (data as it is, teacher generations, student samples, ...) and then
-``method.loss(model, batch)``, which returns the loss **summed** over the batch's trained tokens;
-the loop divides by the number of trained tokens of the whole optimizer step (every
-accumulation micro-batch on every process), so the gradient does not depend on how the global
-batch is split.
+``method.loss(model, batch)``, which returns its loss as named :class:`Term` s: a value **summed**
+over the term's units (the trained tokens of one of the batch's label tensors, or its rows) and a
+weight. The loop counts each term's units over the whole optimizer step (every accumulation
+micro-batch on every process) and adds ``weight · sum / count`` once, so that the gradient does not
+depend on how the global batch is split and no method scales its terms to survive the loop.
 """
 
 from __future__ import annotations
@@ -15,36 +16,49 @@ from typing import TYPE_CHECKING, ClassVar
 
 import torch
 
-from lmdistill.config import MethodConfig, RunConfig, register_method_config
-from lmdistill.teachers.base import Capability
+from lmdistill.config import MethodConfig, RunConfig
+from lmdistill.data import load_rows
+from lmdistill.data.rows import DataError
+from lmdistill.data.tokenize import response_token_count
+from lmdistill.flops import FlopMeter
+from lmdistill.teachers.base import Needs, Teacher
 
 if TYPE_CHECKING:
     from accelerate import Accelerator
-
-    from lmdistill.teachers import Teacher
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 Batch = dict[str, torch.Tensor]
+Metrics = dict[str, tuple[float, float]]
+"""Numbers to log, each as (sum, count): the loop adds both over micro-batches and processes, logs sum / count."""
+
+ROWS = "rows"
+"""A term's unit: the batch's rows (pairs, sequences), e.g. a preference loss."""
 
 
 @dataclass
-class FlopCounter:
-    """Cumulative compute: 6·N·tokens for student updates, 2·N·tokens for every other forward."""
+class Term:
+    """One loss term of a micro-batch: `value` summed over its units; the loop adds weight · Σ value / Σ units.
 
-    train: float = 0.0
-    other: float = 0.0
+    `per` names the units: a label key of the batch (``"labels"``, ``"sample_labels"``, ...: its trained
+    tokens) or :data:`ROWS` (the batch's rows).
+    """
 
-    def add_update(self, n_params: int, tokens: int) -> None:
-        """A student forward + backward over `tokens` tokens."""
-        self.train += 6.0 * n_params * tokens
+    value: torch.Tensor
+    """Scalar, summed over the term's units of this micro-batch."""
+    per: str = "labels"
+    weight: float = 1.0
 
-    def add_forward(self, n_params: int, tokens: int) -> None:
-        """A forward without update (teacher, evaluation, generation) over `tokens` tokens."""
-        self.other += 2.0 * n_params * tokens
 
-    @property
-    def total(self) -> float:
-        return self.train + self.other
+Loss = tuple[dict[str, Term], Metrics]
+
+
+def term_units(batch: Batch, per: str) -> float:
+    """How many units of kind `per` (see :class:`Term`) a micro-batch holds."""
+    if per == ROWS:
+        return float(batch["input_ids"].shape[0])
+    if per not in batch:
+        raise KeyError(f"a loss term is normalised per {per!r}, which the batch does not have ({', '.join(batch)})")
+    return float(response_token_count(batch[per]))
 
 
 @dataclass
@@ -54,19 +68,14 @@ class RunContext:
     cfg: RunConfig
     tokenizer: PreTrainedTokenizerBase
     accelerator: Accelerator
-    student_params: int
-    flops: FlopCounter = field(default_factory=FlopCounter)
+    flops: FlopMeter = field(default_factory=FlopMeter)
+    """The run's compute, counted by hooks on every model (lmdistill.flops); methods never count by hand."""
     step: int = 0
     teacher: Teacher | None = None
-    teacher_params: int = 0
     model: torch.nn.Module | None = None
     """The student as the loop prepared it (wrapped for DDP when there are several processes)."""
     modules: dict[str, torch.nn.Module] = field(default_factory=dict)
     """The method's extra trainable modules (:meth:`Method.extra_modules`) as the loop prepared them."""
-
-    def count_teacher_forward(self, tokens: int) -> None:
-        """Add a teacher forward over `tokens` tokens to the run's compute."""
-        self.flops.add_forward(self.teacher_params, tokens)
 
     @property
     def device(self) -> torch.device:
@@ -78,12 +87,17 @@ class Method:
 
     name: ClassVar[str] = ""
     config_class: ClassVar[type[MethodConfig]] = MethodConfig
-    needs: ClassVar[Capability | None] = None
-    """Least teacher capability required (None: no teacher)."""
+    needs: ClassVar[Needs] = Needs()
+    """What the method needs from its teacher (default: no teacher); see :meth:`teacher_needs`."""
 
     def __init__(self, cfg: MethodConfig, ctx: RunContext) -> None:
         self.cfg = cfg
         self.ctx = ctx
+
+    @classmethod
+    def teacher_needs(cls, cfg: MethodConfig) -> Needs:
+        """What this method with options `cfg` needs from its teacher (checked before anything is written)."""
+        return cls.needs
 
     @classmethod
     def prepare_rows(cls, cfg: MethodConfig, rows: list[dict], split: str) -> list[dict]:
@@ -98,11 +112,8 @@ class Method:
         """The micro-batch to train on, given a micro-batch of data (default: the data itself)."""
         return batch
 
-    def loss(self, model: PreTrainedModel, batch: Batch) -> tuple[torch.Tensor, dict[str, tuple[float, float]]]:
-        """Summed loss over the batch's trained tokens (scalar), and metrics to log as (sum, count) pairs.
-
-        The loop adds sums and counts over micro-batches and processes and logs sum / count.
-        """
+    def loss(self, model: PreTrainedModel, batch: Batch) -> Loss:
+        """The micro-batch's loss terms by name (each logged as Σ value / Σ units), and extra metrics."""
         raise NotImplementedError
 
     def extra_modules(self, student: PreTrainedModel) -> dict[str, torch.nn.Module]:
@@ -132,14 +143,11 @@ def register(cls: type[Method]) -> type[Method]:
     if not cls.name:
         raise ValueError(f"{cls.__name__} has no name")
     METHODS[cls.name] = cls
-    register_method_config(cls.name, cls.config_class)
     return cls
 
 
 def method_rows(cfg: RunConfig) -> tuple[list[dict], list[dict]]:
     """(train, eval) rows of a run, as its method trains and evaluates on them (see `Method.prepare_rows`)."""
-    from lmdistill.data import load_rows
-
     train, held = load_rows(cfg.data)
     method = METHODS[cfg.method.name]
     return method.prepare_rows(cfg.method, train, "train"), method.prepare_rows(cfg.method, held, "eval")
@@ -147,8 +155,6 @@ def method_rows(cfg: RunConfig) -> tuple[list[dict], list[dict]]:
 
 def missing_field(rows: list[dict], name: str, *, method: str, how: str) -> None:
     """Raise a DataError naming the first row (file:line) without a non-empty string field `name`."""
-    from lmdistill.data.rows import DataError
-
     for row in rows:
         value = row.get(name)
         if not isinstance(value, str) or not value.strip():

@@ -1,12 +1,13 @@
-"""Pieces the methods share: masks, teacher signals, student samples in the training layout."""
+"""Pieces the methods share: teacher signals, student samples and teacher outputs in the training layout."""
 
 from __future__ import annotations
 
 import torch
 from transformers import LogitsProcessorList, PreTrainedModel
 
-from lmdistill.data.tokenize import IGNORE_INDEX
-from lmdistill.losses import TopK, prediction_mask  # noqa: F401  (re-exported until the methods move)
+from lmdistill.data.tokenize import IGNORE_INDEX, Encoded, collate
+from lmdistill.generation import sample_ids
+from lmdistill.losses import TopK
 from lmdistill.methods.base import Batch, RunContext
 from lmdistill.teachers import Capability
 
@@ -19,15 +20,14 @@ def student_logits(model: PreTrainedModel, batch: Batch, prefix: str = "") -> to
 @torch.no_grad()
 def teacher_signal(ctx: RunContext, batch: Batch, prefix: str = "") -> torch.Tensor | TopK:
     """The teacher on `batch`: full logits (B, T, V), or TopK (B, T, k) when `teacher.k` > 0 or the
-    backend gives no more. Counts the teacher's forward in the run's FLOPs."""
+    backend gives no more (its own k, a cache's, else 64)."""
     teacher = ctx.teacher
     assert teacher is not None
     ids, am = batch[prefix + "input_ids"], batch[prefix + "attention_mask"]
-    ctx.count_teacher_forward(int(am.sum()))
     k = ctx.cfg.teacher.k
     if teacher.capability >= Capability.FULL and k <= 0:
         return teacher.logits(ids, am)
-    return teacher.topk(ids, am, k if k > 0 else 64)
+    return teacher.topk(ids, am, k if k > 0 else teacher.k or 64)
 
 
 def prompt_lengths(labels: torch.Tensor, attention_mask: torch.Tensor) -> list[int]:
@@ -39,83 +39,49 @@ def prompt_lengths(labels: torch.Tensor, attention_mask: torch.Tensor) -> list[i
     return out
 
 
-@torch.no_grad()
-def sample_responses(
-    model: PreTrainedModel,
-    batch: Batch,
-    ctx: RunContext,
-    *,
-    max_new_tokens: int,
-    temperature: float = 1.0,
-    top_p: float = 1.0,
-    do_sample: bool = True,
-    n_params: int | None = None,
-    logits_processor: LogitsProcessorList | None = None,
-    prefix_ids: list[int] | None = None,
-) -> Batch:
-    """Replace each row's response by a sample of `model` given the row's prompt (no gradient).
-
-    `do_sample=False` decodes greedily (teacher outputs). `logits_processor` is handed to
-    ``generate``, which applies it to the model's scores before any sampling warper (e.g.
-    MiniLLM's teacher-mixed sampling); the prompts are left-padded by ``collate_prompts``.
-    `prefix_ids` (a teacher's ``teacher.prefix``) go before each prompt for generation only.
-
-    Returns a right-padded batch in the training layout (input_ids, attention_mask, labels with
-    the prompt masked); the response ends at EOS or after `max_new_tokens`. Counts 2·N·tokens.
-    """
-    from lmdistill.data.tokenize import Encoded, collate, collate_prompts
-
-    tok = ctx.tokenizer
-    unwrapped = ctx.accelerator.unwrap_model(model)
-    was_training = unwrapped.training
-    unwrapped.eval()
+def batch_prompts(batch: Batch) -> list[list[int]]:
+    """Each row's prompt token ids (the tokens before its first trained label)."""
     lengths = prompt_lengths(batch["labels"], batch["attention_mask"])
-    prompts = [row[:n].tolist() for row, n in zip(batch["input_ids"], lengths)]
-    seen = [(prefix_ids or []) + p for p in prompts]
-    left = {k: v.to(batch["input_ids"].device) for k, v in collate_prompts(seen, tok.pad_token_id).items()}
-    seqs = unwrapped.generate(
-        **left,
-        **(dict(do_sample=True, temperature=temperature, top_p=top_p, top_k=0) if do_sample else dict(do_sample=False)),
-        max_new_tokens=max_new_tokens,
-        pad_token_id=tok.pad_token_id,
-        eos_token_id=tok.eos_token_id,
-        **({"logits_processor": logits_processor} if logits_processor is not None else {}),
-    )
-    unwrapped.train(was_training)
-    new = seqs[:, left["input_ids"].shape[1] :].tolist()
-    examples = []
-    for p, gen in zip(prompts, new):
-        if tok.eos_token_id in gen:
-            gen = gen[: gen.index(tok.eos_token_id) + 1]
-        else:
-            gen = [t for t in gen if t != tok.pad_token_id]
-        gen = gen or [tok.eos_token_id]
-        examples.append(Encoded(input_ids=p + gen, n_prompt=len(p), id=""))
-    out = {k: v.to(batch["input_ids"].device) for k, v in collate(examples, tok.pad_token_id).items()}
-    ctx.flops.add_forward(n_params or ctx.student_params, int(out["attention_mask"].sum()))
-    return out
+    return [row[:n].tolist() for row, n in zip(batch["input_ids"], lengths)]
+
+
+def training_layout(prompts: list[list[int]], responses: list[list[int]], pad_id: int,
+                    device: torch.device) -> Batch:
+    """A right-padded batch (input_ids, attention_mask, labels with the prompt masked) of prompt + response rows."""
+    examples = [Encoded(input_ids=p + r, n_prompt=len(p), id="") for p, r in zip(prompts, responses)]
+    return {k: v.to(device) for k, v in collate(examples, pad_id).items()}
+
+
+def sample_responses(model: PreTrainedModel, batch: Batch, ctx: RunContext, *, max_new_tokens: int,
+                     temperature: float = 1.0, logits_processor: LogitsProcessorList | None = None) -> Batch:
+    """Each row's response replaced by a sample of the student `model` (as the loop prepared it) given
+    the row's prompt, in the training layout. `logits_processor` reshapes the student's scores before
+    sampling (MiniLLM's teacher-mixed sampling)."""
+    tok = ctx.tokenizer
+    prompts = batch_prompts(batch)
+    responses = sample_ids(ctx.accelerator.unwrap_model(model), prompts, pad_id=tok.pad_token_id,
+                           eos_id=tok.eos_token_id, max_new_tokens=max_new_tokens, temperature=temperature,
+                           logits_processor=logits_processor)
+    return training_layout(prompts, responses, tok.pad_token_id, batch["input_ids"].device)
 
 
 def teacher_outputs(ctx: RunContext, batch: Batch, cache: dict[tuple[int, ...], list[int]], max_new_tokens: int) -> Batch:
-    """The teacher's greedy responses to the batch's prompts, in the training layout.
+    """The local teacher's greedy responses to the batch's prompts (after its `prefix_ids`), in the training layout.
 
-    Generated by the local teacher once per prompt and kept in `cache` (prompt ids → response ids):
-    greedy decoding is deterministic, so a resumed run regenerates the same ones.
+    Generated once per prompt and kept in `cache` (prompt ids → response ids): greedy decoding is
+    deterministic, so a resumed run regenerates the same ones. The teacher must have weights here
+    (the method's :class:`~lmdistill.teachers.base.Needs` say so).
     """
-    from lmdistill.data.tokenize import Encoded, collate
-
-    lengths = prompt_lengths(batch["labels"], batch["attention_mask"])
-    prompts = [tuple(row[:n].tolist()) for row, n in zip(batch["input_ids"], lengths)]
-    missing = [i for i, p in enumerate(prompts) if p not in cache]
+    teacher, tok = ctx.teacher, ctx.tokenizer
+    assert teacher is not None and teacher.weights is not None
+    prompts = batch_prompts(batch)
+    missing = [p for p in dict.fromkeys(map(tuple, prompts)) if p not in cache]
     if missing:
-        sub = {k: batch[k][missing] for k in ("input_ids", "attention_mask", "labels")}
-        out = sample_responses(ctx.teacher.model, sub, ctx, max_new_tokens=max_new_tokens, do_sample=False,
-                               n_params=ctx.teacher_params, prefix_ids=getattr(ctx.teacher, "prefix_ids", None))
-        for j, i in enumerate(missing):
-            n = int(out["attention_mask"][j].sum())
-            cache[prompts[i]] = out["input_ids"][j, len(prompts[i]) : n].tolist()
-    examples = [Encoded(list(p) + cache[p], len(p), "") for p in prompts]
-    return {k: v.to(batch["input_ids"].device) for k, v in collate(examples, ctx.tokenizer.pad_token_id).items()}
+        seen = [list(teacher.prefix_ids) + list(p) for p in missing]
+        out = sample_ids(teacher.weights, seen, pad_id=tok.pad_token_id, eos_id=tok.eos_token_id,
+                         max_new_tokens=max_new_tokens, do_sample=False)
+        cache.update(zip(missing, out))
+    return training_layout(prompts, [cache[tuple(p)] for p in prompts], tok.pad_token_id, batch["input_ids"].device)
 
 
 def with_prefix(batch: Batch, extra: Batch, prefix: str) -> Batch:

@@ -7,12 +7,18 @@ from dataclasses import dataclass
 import torch
 
 from lmdistill.config import MethodConfig
-from lmdistill.data.tokenize import response_token_count
-from lmdistill.losses import LOSSES, TopK, chunked_divergence, token_logprobs
-from lmdistill.methods.base import Batch, Method, register
-from lmdistill.methods.common import prediction_mask, sample_responses, student_logits, teacher_signal, with_prefix
-from lmdistill.methods.sft import response_ce_sum
-from lmdistill.teachers import Capability
+from lmdistill.losses import (
+    LOSSES,
+    TopK,
+    chunked_divergence,
+    prediction_mask,
+    response_ce_sum,
+    score_function_rkl,
+    token_logprobs,
+)
+from lmdistill.methods.base import Batch, Loss, Method, Term, register
+from lmdistill.methods.common import sample_responses, student_logits, teacher_signal, with_prefix
+from lmdistill.teachers import Capability, Needs
 
 
 def divergence_params(name: str, *, beta: float, skew: float, mu: float) -> dict[str, float]:
@@ -51,17 +57,14 @@ class KDConfig(MethodConfig):
             raise ValueError("method.chunked=true computes no student logits, so no cross-entropy: set method.alpha=1")
 
 
-def token_distill_loss(cfg: KDConfig, logits: torch.Tensor, teacher: torch.Tensor | TopK, labels: torch.Tensor):
-    """(summed loss, metrics) of (1 − α)·CE + α·divergence over the trained tokens of one batch."""
-    mask = prediction_mask(labels)
-    n = float(mask.sum())
+def token_distill_terms(cfg: KDConfig, logits: torch.Tensor, teacher: torch.Tensor | TopK, labels: torch.Tensor,
+                        per: str = "labels") -> dict[str, Term]:
+    """(1 − α)·CE + α·divergence over the trained tokens of one batch, as terms (`per`: the labels' key)."""
     div = LOSSES[cfg.divergence](
-        logits, teacher, mask, temperature=cfg.temperature, reduction="sum",
+        logits, teacher, prediction_mask(labels), temperature=cfg.temperature, reduction="sum",
         **divergence_params(cfg.divergence, beta=cfg.beta, skew=cfg.skew, mu=cfg.mu),
     )
-    ce = response_ce_sum(logits, labels)
-    loss = cfg.alpha * div + (1 - cfg.alpha) * ce
-    return loss, {"ce": (ce.item(), n), cfg.divergence: (div.item(), n)}
+    return {cfg.divergence: Term(div, per, cfg.alpha), "ce": Term(response_ce_sum(logits, labels), per, 1 - cfg.alpha)}
 
 
 @register
@@ -70,15 +73,15 @@ class KD(Method):
 
     name = "kd"
     config_class = KDConfig
-    needs = Capability.TOPK
+    needs = Needs(Capability.TOPK)
 
-    def loss(self, model, batch: Batch):
+    def loss(self, model, batch: Batch) -> Loss:
         teacher = teacher_signal(self.ctx, batch)
-        if getattr(self.cfg, "chunked", False):
-            return self._chunked_loss(model, batch, teacher)
-        return token_distill_loss(self.cfg, student_logits(model, batch), teacher, batch["labels"])
+        if self.cfg.chunked:
+            return self._chunked_loss(model, batch, teacher), {}
+        return token_distill_terms(self.cfg, student_logits(model, batch), teacher, batch["labels"]), {}
 
-    def _chunked_loss(self, model, batch: Batch, teacher: torch.Tensor | TopK):
+    def _chunked_loss(self, model, batch: Batch, teacher: torch.Tensor | TopK) -> dict[str, Term]:
         cfg = self.cfg
         # Through the (possibly DDP-wrapped) model, keeping the logits of one position only.
         out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], output_hidden_states=True,
@@ -90,7 +93,7 @@ class KD(Method):
             temperature=cfg.temperature, chunk_size=cfg.chunk_size or None,
             **divergence_params(cfg.divergence, beta=cfg.beta, skew=cfg.skew, mu=cfg.mu),
         )
-        return div, {cfg.divergence: (div.item(), float(mask.sum()))}
+        return {cfg.divergence: Term(div)}
 
 
 @dataclass
@@ -165,13 +168,13 @@ class FeedbackKL(Method):
     """Seed 000's "LLM-aligned SFT": SFT relative to the teacher plus on-policy reverse KL.
 
     The data term's teacher part is a constant (reported as ``excess_ce``, the student's CE minus the
-    teacher's on the same tokens). The on-policy term is normalised per sampled token and weighted
-    by the batch's data tokens, so each term enters as a per-token mean.
+    teacher's on the same tokens). Each term is a mean per token: the data term over the data's
+    response tokens, the on-policy term over the sampled ones.
     """
 
     name = "feedback-kl"
     config_class = FeedbackKLConfig
-    needs = Capability.TOKEN
+    needs = Needs(Capability.TOKEN)
 
     def _exact(self) -> bool:
         if self.cfg.estimator == "auto":
@@ -187,42 +190,24 @@ class FeedbackKL(Method):
                                   temperature=self.cfg.sample_temperature)
         return with_prefix(batch, sample, "sample_")
 
-    def loss(self, model, batch: Batch):
+    def loss(self, model, batch: Batch) -> Loss:
         logits = student_logits(model, batch)
-        n = float(response_token_count(batch["labels"]))
         ce = response_ce_sum(logits, batch["labels"])
         with torch.no_grad():
-            self.ctx.count_teacher_forward(int(batch["attention_mask"].sum()))
             teacher_lp = self.ctx.teacher.score(batch["input_ids"], batch["attention_mask"])
             teacher_ce = -(teacher_lp * (batch["labels"] != -100)).sum()
-        loss = self.cfg.lam * ce
-        metrics = {"ce": (ce.item(), n), "excess_ce": (ce.item() - teacher_ce.item(), n)}
+        terms = {"ce": Term(ce, weight=self.cfg.lam)}
         if self.cfg.lam_prime > 0:
-            rkl_sum, n_sample = self._on_policy_rkl(model, batch)
-            loss = loss + self.cfg.lam_prime * rkl_sum * (n / max(n_sample, 1.0))
-            metrics["onpolicy_rkl"] = (rkl_sum.item(), n_sample)
-        return loss, metrics
+            terms["onpolicy_rkl"] = Term(self._on_policy_rkl(model, batch), "sample_labels", self.cfg.lam_prime)
+        return terms, {"excess_ce": (ce.item() - teacher_ce.item(), float((batch["labels"] != -100).sum()))}
 
-    def _on_policy_rkl(self, model, batch: Batch) -> tuple[torch.Tensor, float]:
-        """Summed per-token reverse KL along the student's samples, and the number of sampled tokens."""
+    def _on_policy_rkl(self, model, batch: Batch) -> torch.Tensor:
+        """Reverse KL along the student's samples, summed over their tokens (exact, or by the score function)."""
         logits = student_logits(model, batch, "sample_")
         labels = batch["sample_labels"]
-        n_sample = float(response_token_count(labels))
         if self._exact():
             teacher = teacher_signal(self.ctx, batch, "sample_")
-            return LOSSES["rkl"](logits, teacher, prediction_mask(labels), reduction="sum"), n_sample
-        # Score function: ∇ E_y[Σ_t log s(y_t) − log q(y_t)] = E_y[Σ_t ∇log s(y_t) · R_t], R_t the return from t.
+            return LOSSES["rkl"](logits, teacher, prediction_mask(labels), reduction="sum")
         with torch.no_grad():
-            self.ctx.count_teacher_forward(int(batch["sample_attention_mask"].sum()))
             q = self.ctx.teacher.score(batch["sample_input_ids"], batch["sample_attention_mask"])
-        s = token_logprobs(logits, labels)  # (B, T), 0 at untrained positions
-        trained = labels != -100
-        r = (s.detach() - q) * trained
-        returns = r.flip(1).cumsum(1).flip(1)  # (B, T) R_t = Σ_{t' ≥ t} r_t'
-        # Leave-one-out baseline per position: the mean return of the other samples at the same
-        # position (independent of the row's own y_t, so the estimate stays unbiased).
-        count = trained.sum(0, keepdim=True)
-        baseline = (returns.sum(0, keepdim=True) - returns) / (count - trained.to(count.dtype)).clamp(min=1)
-        surrogate = (s * (returns - baseline) * trained).sum()
-        # The surrogate's value is not the KL: report the estimate itself, keep the surrogate's gradient.
-        return surrogate - surrogate.detach() + r.sum(), n_sample
+        return score_function_rkl(token_logprobs(logits, labels), q, labels != -100)[0]

@@ -30,11 +30,11 @@ import torch
 
 from lmdistill.data import encode_rows, load_rows
 from lmdistill.data.tokenize import Encoded, collate
-from lmdistill.evaluate import ce_sums
-from lmdistill.methods.base import Batch, Method, register
+from lmdistill.heldout import ce_sums
+from lmdistill.methods.base import Batch, Loss, Method, register
 from lmdistill.methods.common import prompt_lengths, sample_responses, student_logits, teacher_signal
-from lmdistill.methods.distill import KDConfig, token_distill_loss
-from lmdistill.teachers import Capability
+from lmdistill.methods.distill import KDConfig, token_distill_terms
+from lmdistill.teachers import Capability, Needs
 
 SOURCES = ("data", "fresh", "replay")
 
@@ -127,7 +127,7 @@ class DistiLLM(Method):
 
     name = "distillm"
     config_class = DistiLLMConfig
-    needs = Capability.TOPK
+    needs = Needs(Capability.TOPK)
 
     def __init__(self, cfg: DistiLLMConfig, ctx) -> None:
         super().__init__(cfg, ctx)
@@ -211,9 +211,10 @@ class DistiLLM(Method):
             out["distillm_val_ce"] = torch.tensor(val, dtype=torch.float64, device=device)
         return out
 
-    def loss(self, model, batch: Batch):
+    def loss(self, model, batch: Batch) -> Loss:
         teacher = teacher_signal(self.ctx, batch)
-        loss, metrics = token_distill_loss(self.cfg, student_logits(model, batch), teacher, batch["labels"])
+        terms = token_distill_terms(self.cfg, student_logits(model, batch), teacher, batch["labels"])
+        metrics: dict[str, tuple[float, float]] = {}
         source = SOURCES[int(batch["distillm_source"])]
         metrics["sgo_prob"] = (self.schedule.prob, 1.0)
         for s in SOURCES:
@@ -221,7 +222,7 @@ class DistiLLM(Method):
         metrics["buffer_size"] = (float(len(self.buffer)), 1.0)
         if "distillm_val_ce" in batch:
             metrics["val_ce"] = (float(batch["distillm_val_ce"]), 1.0)
-        return loss, metrics
+        return terms, metrics
 
     # ------------------------------------------------------------------ checkpoints
 

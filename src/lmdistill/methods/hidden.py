@@ -19,15 +19,12 @@ from dataclasses import dataclass
 from typing import Literal
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from lmdistill.config import ConfigError, MethodConfig
-from lmdistill.losses import masked_reduce
-from lmdistill.methods.base import Batch, Method, RunContext, register
-from lmdistill.methods.common import prediction_mask
-from lmdistill.methods.sft import response_ce_sum
-from lmdistill.teachers import Capability, CapabilityError
+from lmdistill.losses import hidden_state_distance, prediction_mask, response_ce_sum
+from lmdistill.methods.base import Batch, Loss, Method, Term, register
+from lmdistill.teachers import Capability, Needs
 
 
 @dataclass
@@ -101,14 +98,6 @@ class HiddenProjection(nn.Module):
         return [m(h.to(m.weight.dtype)) for m, h in zip(self.maps, hidden)]
 
 
-def hidden_distance(student: torch.Tensor, teacher: torch.Tensor, kind: str) -> torch.Tensor:
-    """(B, T) distance per position between (B, T, d) hidden states, in float32: mse or 1 − cosine."""
-    s, t = student.float(), teacher.float()
-    if kind == "mse":
-        return (s - t).pow(2).mean(-1)
-    return 1.0 - F.cosine_similarity(s, t, dim=-1)
-
-
 @register
 class Hidden(Method):
     """Hidden-state matching with a learned projection (FitNets / TinyBERT), plus CE on the data's responses.
@@ -120,43 +109,30 @@ class Hidden(Method):
 
     name = "hidden"
     config_class = HiddenConfig
-    needs = Capability.FULL
+    needs = Needs(Capability.FULL, weights="its hidden states",
+                  no_prefix="it aligns the teacher's hidden states with the student's position by position")
 
-    def __init__(self, cfg: HiddenConfig, ctx: RunContext) -> None:
+    def __init__(self, cfg: HiddenConfig, ctx) -> None:
         super().__init__(cfg, ctx)
-        teacher = ctx.teacher
-        if teacher is not None and not isinstance(getattr(teacher, "model", None), nn.Module):
-            raise CapabilityError(
-                f"method 'hidden' needs the teacher's hidden states, which the {teacher.name} teacher does not give; "
-                "use a local teacher (teacher.kind=local teacher.model.path=...)"
-            )
-        if getattr(teacher, "prefix_ids", None):
-            raise CapabilityError("method 'hidden' aligns the teacher's hidden states with the student's position by "
-                                  "position; leave teacher.prefix empty")
         self.layer_map: list[list[int]] = []
+        """The (student layer, teacher layer) pairs, set by :meth:`extra_modules`."""
 
     def extra_modules(self, student: nn.Module) -> dict[str, nn.Module]:
         """The projection, one linear map per layer pair (checks the layer map against both models)."""
-        teacher_model = self.ctx.teacher.model
+        teacher_model = self.ctx.teacher.weights
         n_s, n_t = num_layers(student), num_layers(teacher_model)
         self.layer_map = [list(p) for p in self.cfg.layer_map] if self.cfg.layer_map else default_layer_map(n_s, n_t)
         check_layer_map(self.layer_map, n_s, n_t)
         return {"projection": HiddenProjection(len(self.layer_map), hidden_size(student), hidden_size(teacher_model))}
 
-    def loss(self, model, batch: Batch):
+    def loss(self, model, batch: Batch) -> Loss:
         ids, am, labels = batch["input_ids"], batch["attention_mask"], batch["labels"]
         out = model(input_ids=ids, attention_mask=am, output_hidden_states=True)
         with torch.no_grad():
-            self.ctx.count_teacher_forward(int(am.sum()))
-            teacher_out = self.ctx.teacher.model(input_ids=ids, attention_mask=am, output_hidden_states=True)
+            teacher_out = self.ctx.teacher.weights(input_ids=ids, attention_mask=am, output_hidden_states=True)
         teacher_hidden = teacher_out.hidden_states  # (L_T + 1) x (B, T, d_T)
         projected = self.ctx.modules["projection"]([out.hidden_states[s] for s, _ in self.layer_map])
-        per_token = torch.stack(
-            [hidden_distance(p, teacher_hidden[t], self.cfg.loss) for p, (_, t) in zip(projected, self.layer_map)]
-        ).mean(0)  # (B, T)
-        mask = prediction_mask(labels)
-        n = float(mask.sum())
-        hidden = masked_reduce(per_token, mask, "sum")
-        ce = response_ce_sum(out.logits, labels)
-        loss = self.cfg.weight * hidden + self.cfg.ce_weight * ce
-        return loss, {"ce": (ce.item(), n), f"hidden_{self.cfg.loss}": (hidden.item(), n)}
+        hidden = hidden_state_distance(projected, [teacher_hidden[t] for _, t in self.layer_map], prediction_mask(labels),
+                                       distance=self.cfg.loss, reduction="sum")
+        return {f"hidden_{self.cfg.loss}": Term(hidden, weight=self.cfg.weight),
+                "ce": Term(response_ce_sum(out.logits, labels), weight=self.cfg.ce_weight)}, {}

@@ -17,12 +17,11 @@ import torch
 from transformers import LogitsProcessor, LogitsProcessorList, PreTrainedModel
 
 from lmdistill.config import MethodConfig
-from lmdistill.data.tokenize import response_token_count
+from lmdistill.losses import response_ce_sum
 from lmdistill.losses.policy import minillm_loss, teacher_mixed_logprobs
-from lmdistill.methods.base import Batch, Method, register
+from lmdistill.methods.base import Batch, Loss, Method, Term, register
 from lmdistill.methods.common import prompt_lengths, sample_responses, student_logits, with_prefix
-from lmdistill.methods.sft import response_ce_sum
-from lmdistill.teachers import Capability
+from lmdistill.teachers import Capability, Needs
 
 
 class TeacherMixedSampling(LogitsProcessor):
@@ -126,13 +125,19 @@ class MiniLLMConfig(MethodConfig):
 class MiniLLM(Method):
     """MiniLLM on the one loop: samples from p̃ each step, sequence-level reverse KL by policy gradient.
 
-    The sampled tokens' loss is normalised per sampled token and weighted by the batch's data
-    tokens (which the loop divides by), so it enters as a per-token mean next to the data CE.
+    The sampled tokens' loss is a mean per sampled token, next to the data CE's mean per data token.
     """
 
     name = "minillm"
     config_class = MiniLLMConfig
-    needs = Capability.FULL
+
+    @classmethod
+    def teacher_needs(cls, cfg: MiniLLMConfig) -> Needs:
+        if cfg.mix_alpha > 0:
+            return Needs(Capability.FULL, weights="teacher-mixed sampling runs the teacher's model; method.mix_alpha=0 "
+                         "samples from the student alone",
+                         no_prefix="its teacher-mixed sampling does not apply teacher.prefix (or set method.mix_alpha=0)")
+        return Needs(Capability.FULL)
 
     def __init__(self, cfg: MiniLLMConfig, ctx) -> None:
         super().__init__(cfg, ctx)
@@ -141,51 +146,33 @@ class MiniLLM(Method):
                 f"method minillm uses the teacher's whole distribution; teacher.k={ctx.cfg.teacher.k} must be 0"
             )
 
-    def _teacher_model(self) -> PreTrainedModel:
-        model = getattr(self.ctx.teacher, "model", None)
-        if model is None:
-            raise ValueError(
-                f"method minillm samples with the teacher's model; the {self.ctx.teacher.name} teacher has none"
-            )
-        if getattr(self.ctx.teacher, "prefix_ids", None):
-            raise ValueError("method minillm's teacher-mixed sampling does not apply teacher.prefix; "
-                             "set method.mix_alpha=0 or leave teacher.prefix empty")
-        return model
-
     def sequences(self, batch: Batch) -> Batch:
         processors = None
         if self.cfg.mix_alpha > 0:
-            mix = TeacherMixedSampling(self._teacher_model(), self.cfg.mix_alpha,
+            teacher = self.ctx.teacher
+            mix = TeacherMixedSampling(teacher.weights, self.cfg.mix_alpha,
                                        prompt_lengths(batch["labels"], batch["attention_mask"]),
-                                       vocab_size=getattr(self.ctx.teacher, "vocab_size", None))
+                                       vocab_size=teacher.vocab_size)
             processors = LogitsProcessorList([mix])
         sample = sample_responses(self.ctx.model, batch, self.ctx, max_new_tokens=self.cfg.max_new_tokens,
                                   temperature=1.0, logits_processor=processors)
-        if processors is not None:  # the teacher ran alongside the sampler
-            self.ctx.count_teacher_forward(int(sample["attention_mask"].sum()))
         return with_prefix(batch, sample, "sample_")
 
-    def loss(self, model, batch: Batch):
+    def loss(self, model, batch: Batch) -> Loss:
         cfg = self.cfg
-        n = float(response_token_count(batch["labels"]))
-        metrics: dict[str, tuple[float, float]] = {}
-        loss = torch.zeros((), device=batch["input_ids"].device)
+        terms: dict[str, Term] = {}
         if cfg.lm_weight > 0:
-            ce = response_ce_sum(student_logits(model, batch), batch["labels"])
-            loss = loss + cfg.lm_weight * ce
-            metrics["ce"] = (ce.item(), n)
+            terms["ce"] = Term(response_ce_sum(student_logits(model, batch), batch["labels"]), weight=cfg.lm_weight)
         logits = student_logits(model, batch, "sample_")
         with torch.no_grad():
-            self.ctx.count_teacher_forward(int(batch["sample_attention_mask"].sum()))
             teacher = self.ctx.teacher.logits(batch["sample_input_ids"], batch["sample_attention_mask"])
         rl, stats = minillm_loss(
             logits, teacher, batch["sample_labels"], mix_alpha=cfg.mix_alpha, clip=cfg.clip,
             length_normalize=cfg.length_normalize, whiten_advantages=cfg.whiten,
             single_step_weight=cfg.single_step_weight, pg_weight=cfg.pg_weight,
         )  # fmt: skip
+        terms["minillm"] = Term(rl, "sample_labels")
         n_sample = stats.pop("tokens")
-        loss = loss + rl * (n / max(n_sample, 1.0))
-        rows = float(batch["sample_input_ids"].shape[0])
-        metrics.update({k: (v, n_sample) for k, v in stats.items()})
-        metrics["sample_len"] = (n_sample, rows)
-        return loss, metrics
+        metrics = {k: (v, n_sample) for k, v in stats.items()}
+        metrics["sample_len"] = (n_sample, float(batch["sample_input_ids"].shape[0]))
+        return terms, metrics

@@ -6,17 +6,15 @@ from dataclasses import dataclass
 
 import torch
 
-from lmdistill.config import MethodConfig
-from lmdistill.data.tokenize import response_token_count
 import copy
 
-from lmdistill.losses import LOSSES, cpo, dpkd, dpo, ipo, sequence_logprobs, simpo
-from lmdistill.methods.base import Batch, Method, register
+from lmdistill.config import MethodConfig
+from lmdistill.losses import LOSSES, NEEDS_REFERENCE, PREFERENCE_FORMS, response_ce_sum, sequence_logprobs
+from lmdistill.methods.base import ROWS, Batch, Loss, Method, Term, register
 from lmdistill.methods.common import sample_responses, student_logits, teacher_outputs, with_prefix
-from lmdistill.methods.sft import response_ce_sum
-from lmdistill.teachers import Capability
+from lmdistill.teachers import Capability, Needs
 
-FORMS = ("dpkd", "dpo", "ipo", "cpo", "simpo")
+FORMS = tuple(PREFERENCE_FORMS)
 CHOSEN = ("teacher", "data")
 
 
@@ -62,19 +60,21 @@ class DPKD(Method):
 
     name = "dpkd"
     config_class = DPKDConfig
-    needs = Capability.TOKEN
+
+    @classmethod
+    def teacher_needs(cls, cfg: DPKDConfig) -> Needs:
+        if cfg.chosen == "teacher":
+            return Needs(Capability.TOKEN, weights="method.chosen=teacher generates y_w with a local teacher; else "
+                         "label the data with `lmdistill elicit label` and set method.chosen=data")
+        return Needs(Capability.TOKEN)
 
     def __init__(self, cfg, ctx) -> None:
         super().__init__(cfg, ctx)
         self._teacher_outputs: dict[tuple[int, ...], list[int]] = {}
         self._reference: torch.nn.Module | None = None  # form=dpo: the student at step 0, frozen
-        if cfg.chosen == "teacher" and ctx.teacher is not None and getattr(ctx.teacher, "model", None) is None:
-            raise ValueError(
-                f"method.chosen=teacher generates y_w with a local teacher, but {ctx.teacher.name} has no weights here; "
-                "label the data with `lmdistill elicit label` and set method.chosen=data"
-            )
 
     def _reference_model(self) -> torch.nn.Module:
+        # A deep copy keeps the student's FLOP-meter hook, which counts the frozen copy's forwards at 2·N.
         if self._reference is None:
             unwrapped = self.ctx.accelerator.unwrap_model(self.ctx.model)
             self._reference = copy.deepcopy(unwrapped).eval().requires_grad_(False)
@@ -100,14 +100,11 @@ class DPKD(Method):
         """(B,) log p_ref(y|x) of the prefixed sequences: the teacher's, or the frozen initial student's (dpo)."""
         ids, am, labels = batch[prefix + "input_ids"], batch[prefix + "attention_mask"], batch[prefix + "labels"]
         if self.cfg.form == "dpo":
-            self.ctx.flops.add_forward(self.ctx.student_params, int(am.sum()))
             return sequence_logprobs(self._reference_model()(input_ids=ids, attention_mask=am).logits, labels)[0]
-        self.ctx.count_teacher_forward(int(am.sum()))
         return (self.ctx.teacher.score(ids, am) * (labels != -100)).sum(1)
 
-    def loss(self, model, batch: Batch):
+    def loss(self, model, batch: Batch) -> Loss:
         cfg = self.cfg
-        n = float(response_token_count(batch["labels"]))
         pairs = float(batch["input_ids"].shape[0])
         # One forward for data, chosen and rejected would need equal lengths; three are simpler.
         ce = response_ce_sum(student_logits(model, batch), batch["labels"])
@@ -118,34 +115,23 @@ class DPKD(Method):
         teacher_w = None
         if self.ctx.teacher is not None and self.ctx.teacher.capability >= Capability.FULL:
             with torch.no_grad():
-                self.ctx.count_teacher_forward(int(batch["chosen_attention_mask"].sum()))
                 teacher_w = self.ctx.teacher.logits(batch["chosen_input_ids"], batch["chosen_attention_mask"])
         ref_w = ref_l = None
-        if cfg.form in ("dpkd", "dpo", "ipo"):  # cpo and simpo need no reference
+        if cfg.form in NEEDS_REFERENCE:
             with torch.no_grad():
                 if teacher_w is not None and cfg.form != "dpo":
                     ref_w = sequence_logprobs(teacher_w, batch["chosen_labels"])[0]
                 else:
                     ref_w = self._reference_seq_logprobs(batch, "chosen_")
                 ref_l = self._reference_seq_logprobs(batch, "rejected_")
-        if cfg.form in ("dpkd", "dpo"):
-            pref, m = (dpkd if cfg.form == "dpkd" else dpo)(pol_w, pol_l, ref_w, ref_l, beta=cfg.beta, chosen_len=len_w, rejected_len=len_l,
-                           length_normalize=cfg.length_normalize)
-        elif cfg.form == "ipo":
-            pref, m = ipo(pol_w, pol_l, ref_w, ref_l, beta=cfg.beta, chosen_len=len_w, rejected_len=len_l,
-                          length_normalize=cfg.length_normalize)
-        elif cfg.form == "cpo":
-            pref, m = cpo(pol_w, pol_l, beta=cfg.beta)
-        else:
-            pref, m = simpo(pol_w, pol_l, len_w, len_l, beta=cfg.beta, gamma=cfg.gamma)
-        # The preference loss is a mean over pairs; weight it by the data tokens so the loop's
-        # per-token normalisation turns it back into that mean.
-        loss = cfg.lm_weight * ce + pref * n
-        metrics = {"ce": (ce.item(), n), "pref_loss": (pref.item() * pairs, pairs)}
-        metrics.update({k: (float(v) * pairs, pairs) for k, v in m.items()})
+        pref, m = PREFERENCE_FORMS[cfg.form](pol_w, pol_l, ref_w, ref_l, chosen_len=len_w, rejected_len=len_l,
+                                             beta=cfg.beta, gamma=cfg.gamma, length_normalize=cfg.length_normalize,
+                                             reduction="sum")
+        terms = {"ce": Term(ce, weight=cfg.lm_weight), "pref_loss": Term(pref, ROWS)}
+        metrics = {k: (float(v), pairs) for k, v in m.items()}
         if teacher_w is not None:
             metrics.update(self._first_token_divergences(chosen_logits.detach(), teacher_w, batch["chosen_labels"]))
-        return loss, metrics
+        return terms, metrics
 
     @torch.no_grad()
     def _first_token_divergences(self, logits: torch.Tensor, teacher: torch.Tensor,

@@ -8,13 +8,12 @@ import torch
 
 from lmdistill.config import MethodConfig
 from lmdistill.data.rows import DataError
-from lmdistill.data.tokenize import response_token_count
-from lmdistill.losses import LOSSES, TopK
-from lmdistill.methods.base import Batch, Method, missing_field, register
-from lmdistill.methods.common import prediction_mask, student_logits, teacher_outputs, teacher_signal
+from lmdistill.losses import LOSSES, TopK, prediction_mask, response_ce_sum
+from lmdistill.methods.base import Batch, Loss, Method, Term, missing_field, register
+from lmdistill.methods.common import student_logits, teacher_outputs, teacher_signal
 from lmdistill.methods.distill import divergence_params
-from lmdistill.methods.sft import SFT, response_ce_sum
-from lmdistill.teachers import Capability
+from lmdistill.methods.sft import SFT
+from lmdistill.teachers import Capability, Needs
 
 
 @dataclass
@@ -38,16 +37,16 @@ class SeqKD(SFT):
 
     name = "seqkd"
     config_class = SeqKDConfig
-    needs = None  # source=teacher checks for a local teacher itself; source=data needs none
+
+    @classmethod
+    def teacher_needs(cls, cfg: SeqKDConfig) -> Needs:
+        if cfg.source == "data":
+            return Needs()
+        return Needs(Capability.TEXT, weights="method.source=teacher generates with a local teacher; for a served "
+                     "teacher, label the prompts with `lmdistill elicit label` and set method.source=data")
 
     def __init__(self, cfg: SeqKDConfig, ctx) -> None:
         super().__init__(cfg, ctx)
-        if cfg.source == "teacher" and getattr(ctx.teacher, "model", None) is None:
-            raise ValueError(
-                "method seqkd with method.source=teacher generates with a local teacher (teacher.kind=local, "
-                "teacher.model.path=...); for a served teacher, label the prompts with `lmdistill elicit label` "
-                "and set method.source=data"
-            )
         self._outputs: dict[tuple[int, ...], list[int]] = {}
 
     @classmethod
@@ -130,7 +129,7 @@ class Context(Method):
 
     name = "context"
     config_class = ContextConfig
-    needs = Capability.TOPK
+    needs = Needs(Capability.TOPK)
 
     @classmethod
     def prepare_rows(cls, cfg: ContextConfig, rows: list[dict], split: str) -> list[dict]:
@@ -140,13 +139,12 @@ class Context(Method):
                       how="produce rows with a context by `lmdistill elicit context CONFIG`")
         return [{**r, "teacher_prompt": f"{r['context']}\n\n{r['prompt']}"} for r in rows]
 
-    def loss(self, model, batch: Batch):
+    def loss(self, model, batch: Batch) -> Loss:
         logits = student_logits(model, batch)
         labels = batch["labels"]
-        n = float(response_token_count(labels))
         ce = response_ce_sum(logits, labels)
         if self.cfg.objective == "ce":
-            return ce, {"ce": (ce.item(), n)}
+            return {"ce": Term(ce)}, {}
         teacher = teacher_signal(self.ctx, batch, "teacher_")
         # The same response tokens sit at different offsets in the two sequences: gather both sides'
         # predicting positions in order into one row (their counts agree row by row).
@@ -158,4 +156,4 @@ class Context(Method):
         cfg = self.cfg
         div = LOSSES[cfg.divergence](s_sel, t_sel, ones, reduction="sum",
                                      **divergence_params(cfg.divergence, beta=cfg.beta, skew=cfg.skew, mu=cfg.mu))
-        return div + cfg.ce_weight * ce, {"ce": (ce.item(), n), cfg.divergence: (div.item(), n)}
+        return {cfg.divergence: Term(div), "ce": Term(ce, weight=cfg.ce_weight)}, {}

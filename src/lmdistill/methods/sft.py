@@ -2,11 +2,8 @@
 
 from __future__ import annotations
 
-import torch
-
-from lmdistill.data.tokenize import response_token_count
 from lmdistill.losses import response_ce_sum
-from lmdistill.methods.base import Batch, Method, register
+from lmdistill.methods.base import Batch, Loss, Method, Term, register
 
 
 @register
@@ -15,7 +12,6 @@ class SFT(Method):
 
     name = "sft"
 
-    def loss(self, model, batch: Batch) -> tuple[torch.Tensor, dict[str, tuple[float, float]]]:
+    def loss(self, model, batch: Batch) -> Loss:
         logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-        ce = response_ce_sum(logits, batch["labels"])
-        return ce, {"ce": (ce.item(), float(response_token_count(batch["labels"])))}
+        return {"ce": Term(response_ce_sum(logits, batch["labels"]))}, {}

@@ -129,29 +129,25 @@ class Needs:
 
     capability: Capability | None = None
     """Least capability (None: no teacher at all)."""
-    weights: bool = False
-    """The teacher's model must be here (hidden states, teacher-mixed sampling, token-space generation)."""
-    prefix: bool = True
-    """Whether the method honours `teacher.prefix` (False: a teacher with a prefix is refused)."""
-    why: str = ""
-    """What the weights or the lack of a prefix are for, for the message."""
+    weights: str = ""
+    """Non-empty: the teacher's model must be here, for what this says (e.g. "its hidden states")."""
+    no_prefix: str = ""
+    """Non-empty: a teacher with `teacher.prefix` is refused, for the reason this says."""
 
 
 def check_needs(method: str, needs: Needs, teacher: Teacher | None) -> None:
     """Refuse, with a message naming what is missing and how to get it, a teacher that cannot meet `needs`."""
     if needs.capability is None:
         return
+    weights = f" and its weights here ({needs.weights})" if needs.weights else ""
     if teacher is None:
         raise CapabilityError(
-            f"method {method!r} needs a teacher that gives {needs.capability}; set teacher.kind=local and "
+            f"method {method!r} needs a teacher that gives {needs.capability}{weights}; set teacher.kind=local and "
             "teacher.model.path=... (a Hugging Face directory, a GGUF file)"
         )
     require(teacher.capability, needs.capability, method=method, backend=teacher.name)
     if needs.weights and teacher.weights is None:
-        raise CapabilityError(
-            f"method {method!r} {needs.why or 'uses the teacher model itself'}, but the {teacher.name} teacher has no "
-            "weights here; use a local teacher (teacher.kind=local)"
-        )
-    if not needs.prefix and teacher.prefix_ids:
-        raise CapabilityError(f"method {method!r} {needs.why or 'does not apply teacher.prefix'}; "
-                              "leave teacher.prefix empty")
+        raise CapabilityError(f"method {method!r} needs the teacher's weights here ({needs.weights}), but the "
+                              f"{teacher.name} teacher has no weights here; use a local teacher (teacher.kind=local)")
+    if needs.no_prefix and teacher.prefix_ids:
+        raise CapabilityError(f"method {method!r}: {needs.no_prefix}; leave teacher.prefix empty")

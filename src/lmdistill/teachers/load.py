@@ -6,8 +6,12 @@ import torch
 from transformers import PreTrainedTokenizerBase
 
 from lmdistill.config import ConfigError, TeacherConfig
-from lmdistill.teachers.base import Capability, CapabilityError, Teacher, require
+from lmdistill.models import load_model, load_tokenizer
+from lmdistill.teachers.base import CapabilityError, Teacher
+from lmdistill.teachers.cache import CachedTeacher
 from lmdistill.teachers.local import LocalTeacher, check_tokenizers
+from lmdistill.teachers.mixture import load_mixture
+from lmdistill.teachers.server import ServerTeacher
 
 
 def load_teacher(cfg: TeacherConfig, student_tokenizer: PreTrainedTokenizerBase, device: torch.device) -> Teacher | None:
@@ -20,21 +24,13 @@ def load_teacher(cfg: TeacherConfig, student_tokenizer: PreTrainedTokenizerBase,
     """
     if cfg.kind == "none":
         return None
-    from lmdistill.models import load_model, load_tokenizer
-
     if cfg.kind == "cache":
-        from lmdistill.teachers.cache import CachedTeacher
-
         if not cfg.cache:
             raise ConfigError("teacher.kind=cache needs teacher.cache (a directory written by `lmdistill cache-teacher`)")
         return CachedTeacher(cfg.cache, tokenizer=student_tokenizer)
     if cfg.kind == "mixture":
-        from lmdistill.teachers.mixture import load_mixture
-
         return load_mixture(cfg, student_tokenizer, device)
     if cfg.kind == "server":
-        from lmdistill.teachers.server import ServerTeacher
-
         if not cfg.base_url:
             raise ConfigError("teacher.kind=server needs teacher.base_url (e.g. http://127.0.0.1:8080/v1)")
         tokenizer = None
@@ -49,15 +45,3 @@ def load_teacher(cfg: TeacherConfig, student_tokenizer: PreTrainedTokenizerBase,
     check_tokenizers(student_tokenizer, tokenizer)
     model = load_model(cfg.model, tokenizer).to(device)
     return LocalTeacher(model, tokenizer, name=f"local:{cfg.model.path}", prefix=cfg.prefix)
-
-
-def check_method_teacher(method_name: str, needs: Capability | None, teacher: Teacher | None) -> None:
-    """Refuse, before the first step, a method whose needs the teacher cannot meet."""
-    if needs is None:
-        return
-    if teacher is None:
-        raise CapabilityError(
-            f"method {method_name!r} needs a teacher that gives {needs}; set teacher.kind=local and "
-            "teacher.model.path=... (a Hugging Face directory, a GGUF file)"
-        )
-    require(teacher.capability, needs, method=method_name, backend=teacher.name)

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from contextlib import nullcontext
 
 import torch
-from transformers import PreTrainedModel, PreTrainedTokenizerBase
+from transformers import DynamicCache, PreTrainedModel, PreTrainedTokenizerBase
 
-from lmdistill.losses import TopK
-from lmdistill.teachers.base import Capability
+from lmdistill.generation import generate
+from lmdistill.losses import TopK, token_logprobs
+from lmdistill.teachers.base import Capability, Teacher
 
 
 class TokenizerMismatch(ValueError):
@@ -35,17 +37,21 @@ def check_tokenizers(student: PreTrainedTokenizerBase, teacher: PreTrainedTokeni
         raise TokenizerMismatch(f"teacher and student tokenise {probe!r} differently")
 
 
-class LocalTeacher:
-    """A frozen causal LM in eval mode; `vocab_size` trims logits padded beyond the tokenizer."""
+class LocalTeacher(Teacher):
+    """A frozen causal LM in eval mode; `vocab_size` trims logits padded beyond the tokenizer.
+
+    `batch_size`: prompts per generation call of :meth:`generate`.
+    """
 
     capability = Capability.FULL
 
     def __init__(self, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, *, vocab_size: int | None = None,
-                 name: str = "local", prefix: str | None = None) -> None:
-        self.model = model.eval().requires_grad_(False)
+                 name: str = "local", prefix: str | None = None, batch_size: int = 32) -> None:
+        self.weights = model.eval().requires_grad_(False)
         self.tokenizer = tokenizer
         self.vocab_size = vocab_size or len(tokenizer)
         self.name = name
+        self.batch_size = batch_size
         self.prefix_ids: list[int] = tokenizer(prefix, add_special_tokens=False)["input_ids"] if prefix else []
         """Token ids the teacher sees before every sequence (`teacher.prefix`); the outputs leave them out."""
         self._prefix_kv: list[tuple[torch.Tensor, torch.Tensor]] | None = None
@@ -53,35 +59,27 @@ class LocalTeacher:
         if width < self.vocab_size:
             raise ValueError(f"teacher logits have width {width}, below its vocabulary of {self.vocab_size} tokens")
 
-    @property
-    def n_params(self) -> int:
-        from lmdistill.models import count_parameters
-
-        return count_parameters(self.model)
-
     @torch.no_grad()
     def logits(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         if self.prefix_ids:
             out = self._prefixed_logits(input_ids, attention_mask)
         else:
-            out = self.model(input_ids=input_ids, attention_mask=attention_mask).logits
+            out = self.weights(input_ids=input_ids, attention_mask=attention_mask).logits
         return out[..., : self.vocab_size]  # Qwen-style heads are padded past the tokenizer
 
     def _prefixed_logits(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         """(B, T, V) logits of prefix + each row, at the rows' positions; the prefix's keys and values are
         computed once and shared by every call (rows are right-padded, so positions continue after it)."""
-        from transformers import DynamicCache
-
         device = input_ids.device
         if self._prefix_kv is None or self._prefix_kv[0][0].device != device:
             ids = torch.tensor([self.prefix_ids], device=device)
-            cache = self.model(input_ids=ids, use_cache=True).past_key_values
+            cache = self.weights(input_ids=ids, use_cache=True).past_key_values
             self._prefix_kv = [(k, v) for k, v, *_ in cache]
         B, P = input_ids.shape[0], len(self.prefix_ids)
         cache = DynamicCache([(k.expand(B, -1, -1, -1), v.expand(B, -1, -1, -1)) for k, v in self._prefix_kv],
-                             config=self.model.config)
+                             config=self.weights.config)
         mask = torch.cat([attention_mask.new_ones(B, P), attention_mask], dim=1)
-        return self.model(input_ids=input_ids, attention_mask=mask, past_key_values=cache, use_cache=True).logits
+        return self.weights(input_ids=input_ids, attention_mask=mask, past_key_values=cache, use_cache=True).logits
 
     @torch.no_grad()
     def topk(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, k: int) -> TopK:
@@ -91,16 +89,15 @@ class LocalTeacher:
 
     @torch.no_grad()
     def score(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        from lmdistill.losses import token_logprobs
-
         labels = input_ids.masked_fill(attention_mask == 0, -100)
         return token_logprobs(self.logits(input_ids, attention_mask), labels)
 
     def generate(self, prompts: Sequence[str], *, max_new_tokens: int, do_sample: bool = False,
                  temperature: float = 1.0, top_p: float = 1.0, system_prompt: str | None = None,
-                 batch_size: int = 32) -> list[str]:
-        from lmdistill.generation import generate
-
-        return generate(self.model, self.tokenizer, prompts, max_new_tokens=max_new_tokens, batch_size=batch_size,
-                        system_prompt=system_prompt, do_sample=do_sample, temperature=temperature, top_p=top_p,
-                        prefix_ids=self.prefix_ids)
+                 seed: int | None = None) -> list[str]:
+        with torch.random.fork_rng(devices=[]) if seed is not None else nullcontext():
+            if seed is not None:
+                torch.manual_seed(seed)
+            return generate(self.weights, self.tokenizer, prompts, max_new_tokens=max_new_tokens,
+                            batch_size=self.batch_size, system_prompt=system_prompt, do_sample=do_sample,
+                            temperature=temperature, top_p=top_p, prefix_ids=self.prefix_ids)

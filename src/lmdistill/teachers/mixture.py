@@ -25,12 +25,14 @@ from collections.abc import Sequence
 import torch
 from transformers import PreTrainedTokenizerBase
 
-from lmdistill.config import ConfigError, TeacherConfig
+from lmdistill.config import ConfigError, ModelConfig, TeacherConfig
 from lmdistill.losses import TopK
+from lmdistill.models import load_model, load_tokenizer
 from lmdistill.teachers.base import Capability, CapabilityError, Teacher
+from lmdistill.teachers.local import LocalTeacher, TokenizerMismatch, check_tokenizers
 
 
-class MixtureTeacher:
+class MixtureTeacher(Teacher):
     """The weighted mixture of `members`' next-token distributions; weights are normalised to sum to 1."""
 
     def __init__(self, members: Sequence[Teacher], weights: Sequence[float], *, name: str | None = None) -> None:
@@ -42,17 +44,21 @@ class MixtureTeacher:
             raise ValueError(f"mixture weights must be >= 0 with a positive sum, got {list(weights)}")
         total = float(sum(weights))
         self.members = list(members)
-        self.weights = [float(w) / total for w in weights]
+        self.mix_weights = [float(w) / total for w in weights]
+        """w_i, normalised to sum to 1."""
         self.capability = min(min(m.capability for m in self.members), Capability.FULL)
-        self.name = name or "mixture(" + ", ".join(f"{w:.3g}·{m.name}" for w, m in zip(self.weights, members)) + ")"
+        self.name = name or "mixture(" + ", ".join(f"{w:.3g}·{m.name}" for w, m in zip(self.mix_weights, members)) + ")"
+        widths = {m.vocab_size for m in self.members} - {None}
+        self.vocab_size = widths.pop() if len(widths) == 1 else None
+        ks = {m.k for m in self.members} - {None}
+        self.k = min(ks) if ks else None
 
-    @property
-    def n_params(self) -> int:
-        """Parameters of every member: a mixture forward runs them all."""
-        return sum(int(getattr(m, "n_params", 0)) for m in self.members)
+    def modules(self) -> list[torch.nn.Module]:
+        """Every member's models: a mixture forward runs them all."""
+        return [module for m in self.members for module in m.modules()]
 
     def _log_weights(self) -> list[float]:
-        return [math.log(w) if w > 0 else -math.inf for w in self.weights]
+        return [math.log(w) if w > 0 else -math.inf for w in self.mix_weights]
 
     def _need(self, need: Capability, what: str) -> None:
         if self.capability < need:
@@ -121,7 +127,7 @@ class MixtureTeacher:
         # Where every member gives 0 (position 0, padding) the mixture is log Σ w_i = 0 up to rounding: make it exact.
         return out.masked_fill(unscored, 0.0)
 
-    def generate(self, prompts: Sequence[str], **kwargs) -> list[str]:
+    def generate(self, prompts: Sequence[str], **kwargs) -> list[str]:  # type: ignore[override]
         """Not defined: a mixture gives distributions, not text."""
         raise CapabilityError(
             f"a teacher mixture ({self.name}) gives next-token distributions, not generations: distil from it with "
@@ -134,10 +140,6 @@ def load_mixture(
     cfg: TeacherConfig, student_tokenizer: PreTrainedTokenizerBase, device: torch.device
 ) -> MixtureTeacher:
     """The teachers of `teacher.mixture` as local teachers on `device`, each checked to have the student's tokenizer."""
-    from lmdistill.config import ModelConfig
-    from lmdistill.models import load_model, load_tokenizer
-    from lmdistill.teachers.local import LocalTeacher, TokenizerMismatch, check_tokenizers
-
     if not cfg.mixture:
         raise ConfigError("teacher.kind=mixture needs teacher.mixture: a list of {path, weight}")
     members = []

@@ -1,0 +1,81 @@
+"""Compute accounting: one rule, applied where the forwards happen (DESIGN.md, "Compute accounting").
+
+A :class:`FlopMeter` is attached to every model of a run (the student, the teacher's models, a
+frozen reference) by a forward pre-hook, so it counts each forward wherever it is called from
+(the loss, a sampler, a teacher wrapper, an evaluation) and nobody counts by hand:
+
+- a forward with gradient through trainable parameters: 6·N per token (forward + backward) → ``train``;
+- every other forward (teacher, reference model, evaluation, sampling): 2·N per token → ``other``;
+
+where N is the model's parameter count without the input embedding and a token is a position
+that is computed: the non-padded new positions of the call (with a KV cache, generation counts
+its prefill once and then one position per row and step).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+
+def count_parameters(model: torch.nn.Module, *, non_embedding: bool = True) -> int:
+    """Parameters of a model; with `non_embedding`, the input embedding is left out (as FLOP counts do).
+
+    Tied weights count once; an input embedding tied to the output head stays (the head's matmul is compute).
+    """
+    total = sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
+    get_in = getattr(model, "get_input_embeddings", None)
+    if non_embedding and callable(get_in):
+        emb = get_in()
+        get_out = getattr(model, "get_output_embeddings", None)
+        out = get_out() if callable(get_out) else None
+        if emb is not None and (out is None or out.weight is not emb.weight):
+            total -= emb.weight.numel()
+    return total
+
+
+def computed_tokens(args: tuple, kwargs: dict) -> int:
+    """Positions a causal-LM forward computes: its new input positions that are not padding."""
+    ids = kwargs.get("input_ids", args[0] if args else None)
+    embeds = kwargs.get("inputs_embeds")
+    shape = ids.shape if ids is not None else embeds.shape[:2] if embeds is not None else None
+    if shape is None:
+        return 0
+    mask = kwargs.get("attention_mask")
+    if isinstance(mask, torch.Tensor) and mask.dim() == 2:
+        return int(mask[:, -shape[-1]:].sum())  # with a KV cache the mask covers past + new positions
+    return int(torch.Size(shape).numel())
+
+
+@dataclass
+class FlopMeter:
+    """Cumulative FLOPs of a run, by the rule of the module docstring."""
+
+    train: float = 0.0
+    other: float = 0.0
+    _handles: list = field(default_factory=list, repr=False)
+
+    @property
+    def total(self) -> float:
+        return self.train + self.other
+
+    def attach(self, model: torch.nn.Module, n_params: int | None = None) -> None:
+        """Count every forward of `model` from now on (N = `n_params`, default its non-embedding parameters)."""
+        n = count_parameters(model) if n_params is None else n_params
+
+        # A deep copy of `model` (DPO's frozen reference) inherits this hook: it counts as the copy is, frozen.
+        def hook(module: torch.nn.Module, args: tuple, kwargs: dict) -> None:
+            tokens = computed_tokens(args, kwargs)
+            if torch.is_grad_enabled() and any(p.requires_grad for p in module.parameters()):
+                self.train += 6.0 * n * tokens
+            else:
+                self.other += 2.0 * n * tokens
+
+        self._handles.append(model.register_forward_pre_hook(hook, with_kwargs=True))
+
+    def detach(self) -> None:
+        """Stop counting (remove the hooks)."""
+        for h in self._handles:
+            h.remove()
+        self._handles.clear()
