@@ -36,6 +36,10 @@ from safetensors.torch import load_file, save_file
 from lmdistill.io import atomic_replace_dir, atomic_write_json, atomic_write_jsonl, atomic_write_text
 
 _NAME = re.compile(r"step_(\d{8})")
+# Names accelerate's save_state gives its files, and ours: an object's state may not take them.
+_RESERVED = ("state", "model", "pytorch_model", "optimizer", "scheduler", "random_states", "custom_checkpoint",
+             "sampler", "scaler", "dl_state_dict")
+_MARKERS = ("__tensor__", "__tuple__", "__items__")
 
 
 class Stateful(Protocol):
@@ -135,12 +139,6 @@ def read_tree(directory: Path, name: str) -> Any:
     blob = directory / f"{name}.safetensors"
     tensors = load_file(str(blob)) if blob.exists() else {}
     return _decode(json.loads((directory / f"{name}.json").read_text()), tensors)
-
-
-# File names accelerate's save_state writes, and ours.
-_RESERVED = ("state", "model", "pytorch_model", "optimizer", "scheduler", "random_states", "custom_checkpoint",
-             "sampler", "scaler", "dl_state_dict")
-_MARKERS = ("__tensor__", "__tuple__", "__items__")
 
 
 def _encode(x: Any, tensors: dict[str, torch.Tensor], path: str) -> Any:
