@@ -177,7 +177,7 @@ fit(load_config(sys.argv[1]), stop_after=int(sys.argv[2]), progress=False)
 LAUNCH = {
     "ddp": (["--multi_gpu", "--num_processes", "2", "--num_machines", "1", "--mixed_precision", "no",
              "--dynamo_backend", "no"], "model.safetensors"),
-    "fsdp": (["--config_file", str(ROOT / "configs/accelerate/fsdp.yaml")], "pytorch_model_fsdp_0"),
+    "fsdp": (["--config_file", str(ROOT / "configs/accelerate/fsdp.yaml")], "pytorch_model_fsdp.bin"),
     "zero3": (["--config_file", str(ROOT / "configs/accelerate/zero3.yaml")], "pytorch_model"),
 }
 

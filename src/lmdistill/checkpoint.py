@@ -5,15 +5,18 @@ A checkpoint is a directory ``<run_dir>/checkpoints/step_<8 digits>/`` holding
 - what ``Accelerator.save_state`` writes for the prepared models (the student, then the method's
   extra modules in the order they were prepared), the optimizer and every process's RNG:
   ``model.safetensors``, ``model_1.safetensors``, ``optimizer.bin``, ``random_states_<rank>.pkl``
-  on one process or DDP; sharded ``pytorch_model_fsdp_<i>/`` and ``optimizer_<i>/`` directories
-  (torch.distributed.checkpoint) under FSDP; DeepSpeed's own ``pytorch_model/`` under ZeRO;
+  on one process or DDP; ``pytorch_model_fsdp.bin`` and ``optimizer.bin`` under FSDP with
+  FULL_STATE_DICT (configs/accelerate/fsdp.yaml), ``pytorch_model_fsdp_<i>/`` directories with
+  SHARDED_STATE_DICT; DeepSpeed's own ``pytorch_model/`` under ZeRO;
 - ``<name>.json`` (+ ``<name>.safetensors`` when it holds tensors) for each object handed in by
   name (the LR schedule, the method's state): written here, not by ``register_for_checkpointing``,
   whose loader (``load_custom_state``) unpickles them in full, able to run code;
 - ``state.json``: the loop's counters (step, tokens, flops_*), written last.
 
 Loading executes no code from the files: safetensors and JSON are data, and accelerate reads the
-optimizer and RNG files with ``torch.load(weights_only=True)`` (its ``accelerate.utils.load``).
+optimizer and RNG files with ``torch.load(weights_only=True)`` (its ``accelerate.utils.load``), as
+it does FSDP's full state dicts. Outside this module's reach: FSDP's SHARDED_STATE_DICT (DCP reads
+its ``.metadata`` with plain ``pickle.load``) and DeepSpeed's own loader.
 
 It is written into a hidden temporary sibling by every process and renamed into place by the
 main one, so a crash leaves either the previous checkpoints or the new one complete.
