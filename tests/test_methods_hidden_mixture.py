@@ -17,7 +17,8 @@ from lmdistill.config import ConfigError, ModelConfig, RunConfig, TeacherConfig,
 from lmdistill.data import encode_rows, load_rows
 from lmdistill.evaluate.divergence import teacher_divergences
 from lmdistill.losses import TopK, token_logprobs
-from lmdistill.methods.hidden import default_layer_map, hidden_distance
+from lmdistill.losses import HIDDEN_DISTANCES
+from lmdistill.methods.hidden import default_layer_map
 from lmdistill.models import build_char_tokenizer, load_model, load_tokenizer, save_model
 from lmdistill.teachers import Capability, CapabilityError, TokenizerMismatch
 from lmdistill.teachers.load import load_teacher
@@ -246,8 +247,8 @@ def test_default_layer_map_and_distances():
     s = torch.tensor([[[1.0, 0.0], [2.0, 2.0]]])
     t = torch.tensor([[[0.0, 1.0], [1.0, 1.0]]])
     # mse: ((1)² + (1)²)/2 = 1 and ((1)² + (1)²)/2 = 1; cosine: orthogonal → 1, parallel → 0.
-    torch.testing.assert_close(hidden_distance(s, t, "mse"), torch.tensor([[1.0, 1.0]]))
-    torch.testing.assert_close(hidden_distance(s, t, "cosine"), torch.tensor([[1.0, 0.0]]), rtol=0, atol=1e-6)
+    torch.testing.assert_close(HIDDEN_DISTANCES["mse"](s, t), torch.tensor([[1.0, 1.0]]))
+    torch.testing.assert_close(HIDDEN_DISTANCES["cosine"](s, t), torch.tensor([[1.0, 0.0]]), rtol=0, atol=1e-6)
 
 
 @torch.no_grad()
