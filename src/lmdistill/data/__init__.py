@@ -4,12 +4,11 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 from pathlib import Path
 
 from lmdistill.config import DataConfig
 from lmdistill.data.rows import DataError, check_unique_ids, read_datasets_file, read_jsonl, split_rows
-from lmdistill.io import atomic_write_jsonl
+from lmdistill.io import atomic_write_jsonl, cache_dir
 from lmdistill.data.tokenize import IGNORE_INDEX, Encoded, collate, collate_prompts, encode_row, encode_rows
 
 __all__ = [
@@ -39,11 +38,6 @@ def load_rows(cfg: DataConfig) -> tuple[list[dict], list[dict]]:
     check_unique_ids(train, cfg.train_path)
     check_unique_ids(held, cfg.eval_path or cfg.train_path)
     return train, held
-
-
-def cache_dir() -> Path:
-    """Where generated data is cached: $LMDISTILL_CACHE, else ~/.cache/lmdistill."""
-    return Path(os.environ.get("LMDISTILL_CACHE") or Path.home() / ".cache" / "lmdistill")
 
 
 def _cached_math(cfg: DataConfig, split: str, n: int) -> list[dict]:
