@@ -33,6 +33,7 @@ demo: $(STAMP)
 	$(VENV)/bin/lmdistill quickstart
 
 test: $(STAMP) $(MODELS_STAMP)
+	$(VENV)/bin/lint-imports
 	$(PY) -m pytest -q $(PYTEST_ARGS)
 
 bench: $(STAMP)
