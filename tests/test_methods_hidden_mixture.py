@@ -20,7 +20,7 @@ from lmdistill.losses import TopK, token_logprobs
 from lmdistill.losses import HIDDEN_DISTANCES
 from lmdistill.methods.hidden import default_layer_map
 from lmdistill.models import build_char_tokenizer, load_model, load_tokenizer, save_model
-from lmdistill.teachers import Capability, CapabilityError, TokenizerMismatch
+from lmdistill.teachers import Capability, CapabilityError, Teacher, TokenizerMismatch
 from lmdistill.teachers.load import load_teacher
 from lmdistill.teachers.mixture import MixtureTeacher
 from lmdistill.train import fit
@@ -76,7 +76,7 @@ def probe_batch() -> dict[str, torch.Tensor]:
 # --------------------------------------------------------------------------- mixture: closed form
 
 
-class FixedTeacher:
+class FixedTeacher(Teacher):
     """A teacher whose next-token distribution is `probs` (T, V) at every row, whatever the input."""
 
     def __init__(self, probs: list[list[float]], capability: Capability = Capability.FULL, name: str = "fixed") -> None:

@@ -1,9 +1,11 @@
-"""The one training loop. Every method runs on it; a method supplies sequences and a loss.
+"""The one training loop. Every method runs on it; a method supplies sequences and loss terms.
 
-Read top to bottom: set-up, resume, then per optimizer step: take the step's global batch, split
-it into accumulation micro-batches and processes, let the method make its sequences, count the
-trained tokens of the whole step (all micro-batches, all processes), back-propagate each
-micro-batch's summed loss divided by that count, clip, step, log, evaluate, checkpoint.
+Read `fit` top to bottom: set-up (:func:`setup`), resume, then per optimizer step: take the step's
+global batch, split it into accumulation micro-batches and processes, let the method make its
+sequences, count every term's units over the whole step (:func:`step_units`: all micro-batches, all
+processes), back-propagate each micro-batch's terms divided by those counts (:func:`step_loss`, the
+one normalisation), clip, step, log (:func:`log_step`), evaluate, checkpoint. Compute is counted by
+the FLOP meter hooked into every model (lmdistill.flops), never by hand.
 """
 
 from __future__ import annotations

@@ -17,8 +17,8 @@ from lmdistill.teachers.server import ServerTeacher
 def load_teacher(cfg: TeacherConfig, student_tokenizer: PreTrainedTokenizerBase, device: torch.device) -> Teacher | None:
     """The configured teacher on `device`, frozen; None for `teacher.kind=none`.
 
-    `local`: a model loaded here; `cache`: a top-k cache (teachers/cache.py), checked to have the
-    student's tokenizer; `server`: an OpenAI-compatible server (teachers/server.py), whose tokenizer,
+    `local`: a model loaded here; `cache`: a top-k cache (teachers/cache/), checked to have the
+    student's tokenizer; `server`: an OpenAI-compatible server (teachers/server/), whose tokenizer,
     when `teacher.model` names one, must be the student's; `mixture`: the weighted mixture of the local
     teachers of `teacher.mixture` (teachers/mixture.py), each checked to have the student's tokenizer.
     """
