@@ -26,9 +26,8 @@ import torch
 
 from lmdistill.config import RunConfig, build
 from lmdistill.data import collate, encode_rows, load_rows
-from lmdistill.losses import LOSSES, TopK
+from lmdistill.losses import LOSSES, TopK, prediction_mask
 from lmdistill.methods import METHOD_CONFIGS
-from lmdistill.methods.common import prediction_mask
 from lmdistill.models import load_model, load_tokenizer
 from lmdistill.cache_teacher import build_cache
 from lmdistill.teachers.cache import CachedTeacher

@@ -12,7 +12,7 @@ from pathlib import Path
 from lmdistill import config
 from lmdistill.config import MethodConfig, RunConfig
 from lmdistill.methods import distill, distillm, hidden, minillm, preference, sequence, sft  # noqa: F401  (registers)
-from lmdistill.methods.base import METHODS, Method, RunContext, make_method, method_rows, register
+from lmdistill.methods.base import METHODS, ROWS, Loss, Method, RunContext, Term, make_method, method_rows, register
 
 
 class _MethodConfigs(Mapping[str, type[MethodConfig]]):
@@ -38,4 +38,5 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
     return config.load_config(path, overrides, method_configs=METHOD_CONFIGS)
 
 
-__all__ = ["METHODS", "METHOD_CONFIGS", "Method", "RunContext", "load_config", "make_method", "method_rows", "register"]
+__all__ = ["METHODS", "METHOD_CONFIGS", "ROWS", "Loss", "Method", "RunContext", "Term", "load_config", "make_method",
+           "method_rows", "register"]
