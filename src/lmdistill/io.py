@@ -10,6 +10,8 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
+import yaml
+
 
 def atomic_write_bytes(path: Path, data: bytes) -> None:
     """Write `data` to `path` so that a reader sees either the old file or the whole new one."""
@@ -58,3 +60,17 @@ def atomic_replace_dir(tmp_dir: Path, final_dir: Path) -> None:
 def cache_dir() -> Path:
     """Where generated data and converted models are cached: $LMDISTILL_CACHE, else ~/.cache/lmdistill."""
     return Path(os.environ.get("LMDISTILL_CACHE") or Path.home() / ".cache" / "lmdistill")
+
+
+def read_yaml_mapping(path: Path, error: type[Exception], *, missing: str) -> dict[str, Any]:
+    """The mapping a YAML file holds; raises `error` naming the file when it is absent (with `missing`),
+    not valid YAML, or not a mapping at the top level. An empty file is an empty mapping."""
+    try:
+        data = yaml.safe_load(Path(path).read_text()) or {}
+    except FileNotFoundError:
+        raise error(f"{path}: {missing}") from None
+    except yaml.YAMLError as e:
+        raise error(f"{path}: not valid YAML: {e}") from None
+    if not isinstance(data, dict):
+        raise error(f"{path}: the top level must be a mapping")
+    return data

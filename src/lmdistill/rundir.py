@@ -22,9 +22,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from lmdistill.config import ConfigError, RunConfig, to_dict
+from lmdistill.io import read_yaml_mapping
 
 CONFIG = "config.yaml"
 METRICS = "metrics.jsonl"
@@ -122,16 +121,9 @@ def read_metrics(path: str | Path) -> list[dict]:
 
 def read_config(run_dir: str | Path) -> dict[str, Any]:
     """The run's config.yaml as a nested mapping (not validated: a report reads configs of any version)."""
-    path = Path(run_dir) / CONFIG
-    try:
-        config = yaml.safe_load(path.read_text()) or {}
-    except FileNotFoundError:
-        raise RunDirError(f"{run_dir}: not a run directory (no {CONFIG})") from None
-    except yaml.YAMLError as e:
-        raise RunDirError(f"{path}: not valid YAML: {e}") from None
-    if not isinstance(config, dict):
-        raise RunDirError(f"{path}: the top level must be a mapping")
-    return config
+    if not (Path(run_dir) / CONFIG).is_file():
+        raise RunDirError(f"{run_dir}: not a run directory (no {CONFIG})")
+    return read_yaml_mapping(Path(run_dir) / CONFIG, RunDirError, missing="not a run directory")
 
 
 def flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
@@ -151,7 +143,7 @@ def check_same_config(cfg: RunConfig) -> None:
     saved_path = cfg.run_dir / CONFIG
     if not saved_path.exists():
         return
-    saved = flatten(yaml.safe_load(saved_path.read_text()) or {})
+    saved = flatten(read_config(cfg.run_dir))
     new = flatten(to_dict(cfg))
     differ = [k for k in new if k in saved and k != "output_dir" and saved[k] != new[k]]
     if differ:

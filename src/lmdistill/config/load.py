@@ -11,7 +11,7 @@ import yaml
 from lmdistill.config.build import MethodConfigs, build, merge, parse_overrides
 from lmdistill.config.errors import ConfigError
 from lmdistill.config.run import RunConfig
-from lmdistill.io import atomic_write_text
+from lmdistill.io import atomic_write_text, read_yaml_mapping
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None, *,
@@ -23,15 +23,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
     """
     data: dict = {}
     if path is not None:
-        path = Path(path)
-        try:
-            data = yaml.safe_load(path.read_text()) or {}
-        except FileNotFoundError:
-            raise ConfigError(f"{path}: no such config file") from None
-        except yaml.YAMLError as e:
-            raise ConfigError(f"{path}: not valid YAML: {e}") from None
-        if not isinstance(data, dict):
-            raise ConfigError(f"{path}: the top level must be a mapping of sections")
+        data = read_yaml_mapping(Path(path), ConfigError, missing="no such config file")
     data = merge(data, parse_overrides(overrides or []))
     try:
         return build(RunConfig, data, method_configs=method_configs)
