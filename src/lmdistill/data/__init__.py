@@ -7,6 +7,7 @@ import json
 from pathlib import Path
 
 from lmdistill.config import DataConfig
+from lmdistill.data.math import generate_math
 from lmdistill.data.rows import DataError, check_unique_ids, read_datasets_file, read_jsonl, split_rows
 from lmdistill.io import atomic_write_jsonl, cache_dir
 from lmdistill.data.tokenize import IGNORE_INDEX, Encoded, collate, collate_prompts, encode_row, encode_rows
@@ -42,8 +43,6 @@ def load_rows(cfg: DataConfig) -> tuple[list[dict], list[dict]]:
 
 def _cached_math(cfg: DataConfig, split: str, n: int) -> list[dict]:
     """Math rows, generated once per (modules, difficulty, seed, split, n) and cached as JSONL."""
-    from lmdistill.data.math import generate_math
-
     key = json.dumps([list(cfg.math_modules), cfg.math_difficulty, cfg.seed, split, n])
     path = cache_dir() / "math" / f"{hashlib.sha1(key.encode()).hexdigest()[:16]}.jsonl"
     if path.exists():
