@@ -16,7 +16,7 @@ from lmdistill.losses import (
     score_function_rkl,
     token_logprobs,
 )
-from lmdistill.methods.base import Batch, Loss, Method, Term, register
+from lmdistill.methods.base import Batch, Loss, Method, Term, register, term_units
 from lmdistill.methods.common import sample_responses, student_logits, teacher_signal, with_prefix
 from lmdistill.teachers import Capability, Needs
 
@@ -199,7 +199,7 @@ class FeedbackKL(Method):
         terms = {"ce": Term(ce, weight=self.cfg.lam)}
         if self.cfg.lam_prime > 0:
             terms["onpolicy_rkl"] = Term(self._on_policy_rkl(model, batch), "sample_labels", self.cfg.lam_prime)
-        return terms, {"excess_ce": (ce.item() - teacher_ce.item(), float((batch["labels"] != -100).sum()))}
+        return terms, {"excess_ce": (ce.item() - teacher_ce.item(), term_units(batch, "labels"))}
 
     def _on_policy_rkl(self, model, batch: Batch) -> torch.Tensor:
         """Reverse KL along the student's samples, summed over their tokens (exact, or by the score function)."""
