@@ -1,4 +1,4 @@
-"""`lmdistill` command line: run, eval, sweep, report, quickstart, cache-teacher, elicit."""
+"""`lmdistill` command line: run, eval, sweep, report, quickstart, cache-teacher, elicit, prune."""
 
 from __future__ import annotations
 
@@ -16,6 +16,7 @@ from lmdistill.data import DataError
 from lmdistill.elicit import TASKS, elicit
 from lmdistill.evaluate.run import evaluate_path, evaluate_run
 from lmdistill.methods import METHOD_CONFIGS, load_config
+from lmdistill.prune import prune_teacher
 from lmdistill.quickstart import DEFAULT_METHODS, STUDENT_METHODS, quickstart
 from lmdistill.report import ReportError, write_report
 from lmdistill.rundir import is_run_dir
@@ -114,6 +115,21 @@ def cmd_elicit(args: argparse.Namespace) -> int:
         logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     cfg = load_config(args.config, args.overrides)
     print(json.dumps(elicit(args.task, cfg).summary(), indent=2))
+    return 0
+
+
+def cmd_prune(args: argparse.Namespace) -> int:
+    cfg = load_config(args.config, args.overrides)
+    try:
+        result = prune_teacher(cfg)
+    except FileNotFoundError as e:
+        print(f"lmdistill prune: {e}", file=sys.stderr)
+        return 2
+    print(f"layers kept ({len(result.layers)}): {result.layers}")
+    print(f"intermediate_size: {result.intermediate_size}  attention heads: {result.num_heads}  "
+          f"KV heads: {result.num_key_value_heads}")
+    print(f"parameters (non-embedding): {result.params_before} -> {result.params_after}")
+    print(f"written: {result.directory} (prune.json: what was kept and the scores)")
     return 0
 
 
@@ -238,6 +254,21 @@ def build_parser() -> argparse.ArgumentParser:
     el.add_argument("config", help="YAML run config (see configs/elicit_label_math.yaml)")
     el.add_argument("overrides", nargs="*", help="section.key=value overrides, e.g. elicit.max_inputs=8")
     el.set_defaults(func=cmd_elicit)
+
+    pr = sub.add_parser(
+        "prune",
+        help="cut teacher.model into a smaller model (layers, MLP channels, heads) as the prune section says",
+        description="Prune teacher.model: depth by prune.layers / drop_every / drop_block, or by block influence "
+        "(prune.n_layers); width by activation importance (prune.intermediate_size, prune.num_heads), measured on "
+        "prune.calibration_rows of the data section's training rows. Writes a plain Hugging Face directory "
+        "(prune.output, default <run_dir>/pruned) with prune.json. Train from it with student.path=DIR, or let a "
+        "run do it with student.init_from=teacher.",
+        epilog=_config_help(),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    pr.add_argument("config", help="YAML run config (its teacher, data and prune sections are used)")
+    pr.add_argument("overrides", nargs="*", help="section.key=value overrides, e.g. prune.drop_every=2 prune.output=runs/pruned")
+    pr.set_defaults(func=cmd_prune)
     return p
 
 

@@ -15,7 +15,7 @@ import math
 import random
 import time
 from contextlib import nullcontext
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -36,6 +36,7 @@ from lmdistill.io import atomic_write_json
 from lmdistill.methods import METHODS, Method, RunContext, make_method, method_rows
 from lmdistill.methods.base import ROWS, Batch, Term, term_units
 from lmdistill.models import load_model, load_tokenizer, save_model
+from lmdistill.prune import student_init
 from lmdistill.teachers import check_needs
 from lmdistill.teachers.load import load_teacher
 
@@ -169,9 +170,12 @@ def setup(cfg: RunConfig) -> Run:
     if accelerator.is_main_process:
         cfg.run_dir.mkdir(parents=True, exist_ok=True)
         save_config(cfg, cfg.run_dir / "config.yaml")
+        if cfg.student.init_from == "teacher":
+            student_init(cfg)
     accelerator.wait_for_everyone()
 
-    model = load_model(cfg.student, tokenizer, seed=t.seed)
+    student = replace(cfg.student, path=str(cfg.run_dir / "student_init")) if cfg.student.init_from else cfg.student
+    model = load_model(student, tokenizer, seed=t.seed)
     model.train()
     ctx = RunContext(cfg=cfg, tokenizer=tokenizer, accelerator=accelerator, teacher=teacher)
     for module in [model, *(teacher.modules() if teacher is not None else [])]:

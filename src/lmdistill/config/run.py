@@ -33,6 +33,8 @@ class ModelConfig:
     """Maximum sequence length (new model only)."""
     dtype: Literal["float32", "bfloat16", "float16", "auto"] = "float32"
     """Weights' dtype when loading."""
+    init_from: Literal["teacher"] | None = None
+    """Student only. `teacher`: start from the teacher's weights cut by the `prune` section (written once to <run_dir>/student_init/ and reused); the tokenizer defaults to the teacher's."""
 
 
 @dataclass
@@ -219,6 +221,50 @@ class MethodConfig:
 
 
 @dataclass
+class PruneConfig:
+    """Cutting the teacher (`teacher.model`) into a smaller model: `lmdistill prune`, and `student.init_from=teacher`.
+    Depth: at most one of `layers`, `drop_every`, `drop_block`, `n_layers`; width: `intermediate_size`, `num_heads`."""
+
+    layers: list[int] | None = None
+    """Decoder layers to keep (0-based indices); the others are dropped."""
+    drop_every: int = 0
+    """Drop every n-th layer: indices n-1, 2n-1, ... (2: every other layer, the first kept). 0: off."""
+    drop_block: list[int] | None = None
+    """Drop a contiguous block of layers [start, end)."""
+    n_layers: int = 0
+    """Keep this many layers, dropping those of lowest block influence (1 - mean cosine of a layer's input and output hidden states on the calibration rows; ShortGPT). 0: off."""
+    intermediate_size: int = 0
+    """Keep this many MLP channels in every layer, ranked by mean |act(gate)*up| on the calibration tokens (Minitron). 0: keep all."""
+    num_heads: int = 0
+    """Keep this many attention heads in every layer, ranked by the L2 norm of each head's output before o_proj summed over calibration tokens. With grouped-query attention whole KV groups are kept or cut, so this must be a multiple of heads per KV group (num_key_value_heads shrinks in proportion). 0: keep all."""
+    calibration_rows: int = 64
+    """Training rows (the `data` section's) the importance scores are measured on."""
+    batch_size: int = 8
+    """Calibration rows per forward."""
+    output: str | None = None
+    """Directory the pruned model is written to (`lmdistill prune`). Default: <run_dir>/pruned."""
+
+    def __post_init__(self) -> None:
+        depth = [k for k, v in (("layers", self.layers), ("drop_every", self.drop_every),
+                                ("drop_block", self.drop_block), ("n_layers", self.n_layers)) if v]
+        if len(depth) > 1:
+            raise ConfigError(f"prune: give at most one depth rule, got {', '.join('prune.' + k for k in depth)}")
+        if self.layers is not None and (not self.layers or len(set(self.layers)) != len(self.layers)
+                                        or min(self.layers) < 0):
+            raise ConfigError(f"prune.layers: distinct layer indices >= 0, at least one ({self.layers})")
+        if self.drop_every < 0 or self.drop_every == 1:
+            raise ConfigError(f"prune.drop_every must be 0 (off) or >= 2, got {self.drop_every}")
+        if self.drop_block is not None and (len(self.drop_block) != 2 or not 0 <= self.drop_block[0] < self.drop_block[1]):
+            raise ConfigError(f"prune.drop_block: [start, end) with 0 <= start < end, got {self.drop_block}")
+        for key in ("n_layers", "intermediate_size", "num_heads"):
+            if getattr(self, key) < 0:
+                raise ConfigError(f"prune.{key} must be >= 0 (0: off), got {getattr(self, key)}")
+        if self.calibration_rows < 1 or self.batch_size < 1:
+            raise ConfigError(f"prune.calibration_rows and prune.batch_size must be >= 1 "
+                              f"({self.calibration_rows}, {self.batch_size})")
+
+
+@dataclass
 class RunConfig:
     """One run: a student trained by a method on data, possibly from a teacher."""
 
@@ -240,6 +286,19 @@ class RunConfig:
     """The training method and its options."""
     elicit: ElicitConfig = field(default_factory=ElicitConfig)
     """Knowledge elicitation (`lmdistill elicit`): teacher-written data."""
+    prune: PruneConfig = field(default_factory=PruneConfig)
+    """Cutting the teacher into a smaller model (`lmdistill prune`, `student.init_from=teacher`)."""
+
+    def __post_init__(self) -> None:
+        if self.teacher.model.init_from:
+            raise ConfigError("teacher.model.init_from: only the student is initialised from the teacher")
+        if self.student.init_from == "teacher":
+            if self.teacher.model.path is None:
+                raise ConfigError("student.init_from=teacher needs teacher.model.path (the model to prune)")
+            if self.student.path is not None:
+                raise ConfigError("student.init_from=teacher replaces student.path; give one of them")
+            if self.student.tokenizer is None:
+                self.student.tokenizer = self.teacher.model.tokenizer or self.teacher.model.path
 
     @property
     def run_dir(self) -> Path:
