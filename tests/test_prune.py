@@ -11,6 +11,8 @@ from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM, Qw
 
 from lmdistill.cli import main
 from lmdistill.config import ConfigError, PruneConfig
+from lmdistill.flops import count_parameters
+from lmdistill.evaluate.run import evaluate_run
 from lmdistill.models import build_char_tokenizer, save_model
 from lmdistill.prune import choose_layers, measure_importance, prune_model
 from lmdistill.train import fit
@@ -182,3 +184,5 @@ def test_student_init_from_teacher_trains(data: Path, teacher_dir: Path, tmp_pat
     trained = AutoModelForCausalLM.from_pretrained(tmp_path / "run" / "model")
     assert trained.config.num_hidden_layers == 1
     assert len(read_metrics(tmp_path / "run")) >= 1
+    ev = evaluate_run(result.run_dir)  # its config.yaml loads back
+    assert ev["params_non_embedding"] == count_parameters(trained) < ev["teacher"]["params_non_embedding"]

@@ -128,7 +128,7 @@ def cmd_prune(args: argparse.Namespace) -> int:
     print(f"layers kept ({len(result.layers)}): {result.layers}")
     print(f"intermediate_size: {result.intermediate_size}  attention heads: {result.num_heads}  "
           f"KV heads: {result.num_key_value_heads}")
-    print(f"parameters (non-embedding): {result.params_before} -> {result.params_after}")
+    print(f"parameters: {result.params_before} -> {result.params_after}")
     print(f"written: {result.directory} (prune.json: what was kept and the scores)")
     return 0
 

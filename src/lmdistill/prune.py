@@ -274,12 +274,12 @@ def prune_teacher(cfg: RunConfig, output: Path | None = None) -> PruneResult:
     layers = choose_layers(p, teacher.config.num_hidden_layers, importance.block_influence if importance else None)
     pruned, record = prune_model(teacher, layers, p.intermediate_size, p.num_heads, importance)
     save_model(pruned, tokenizer, directory)
-    n_before, n_after = count_parameters(teacher), count_parameters(pruned)
+    n_before, n_after = count_parameters(teacher, non_embedding=False), count_parameters(pruned, non_embedding=False)
     c, pc = teacher.config, pruned.config
     summary = {
         "teacher": cfg.teacher.model.path,
         "prune": {k: v for k, v in vars(p).items()},
-        "params": {"before": n_before, "after": n_after},
+        "params": {"before": n_before, "after": n_after},  # all, tied weights once
         "num_hidden_layers": {"before": c.num_hidden_layers, "after": pc.num_hidden_layers},
         "intermediate_size": {"before": c.intermediate_size, "after": pc.intermediate_size},
         "num_attention_heads": {"before": c.num_attention_heads, "after": pc.num_attention_heads},
