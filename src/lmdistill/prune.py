@@ -171,6 +171,19 @@ def _slice_linear(sd: dict, name: str, rows: torch.Tensor | None = None, cols: t
     sd[f"{name}.weight"] = w.clone()
 
 
+def check_width(config, intermediate_size: int = 0, num_heads: int = 0) -> tuple[int, int]:
+    """(intermediate_size, num_heads) a model of `config` is cut to (0: as it is); a ConfigError if it cannot be."""
+    n_heads, n_kv = config.num_attention_heads, config.num_key_value_heads
+    group = n_heads // n_kv
+    inter, heads = intermediate_size or config.intermediate_size, num_heads or n_heads
+    if inter > config.intermediate_size:
+        raise ConfigError(f"prune.intermediate_size={inter}: the model has {config.intermediate_size}")
+    if heads > n_heads or heads % group:
+        raise ConfigError(f"prune.num_heads={heads}: must be at most {n_heads} and a multiple of {group} "
+                          f"(heads per KV group: {n_heads} heads share {n_kv} KV heads; whole groups are cut)")
+    return inter, heads
+
+
 def prune_model(model: PreTrainedModel, layers: list[int] | None = None, intermediate_size: int = 0,
                 num_heads: int = 0, importance: Importance | None = None) -> tuple[PreTrainedModel, dict]:
     """A new model: `model` with only `layers` (default: all), `intermediate_size` MLP channels and
@@ -184,13 +197,7 @@ def prune_model(model: PreTrainedModel, layers: list[int] | None = None, interme
     layers = list(range(n_layers)) if layers is None else list(layers)
     n_heads, n_kv = config.num_attention_heads, config.num_key_value_heads
     group, head_dim = n_heads // n_kv, _head_dim(config)
-    inter = intermediate_size or config.intermediate_size
-    heads = num_heads or n_heads
-    if inter > config.intermediate_size:
-        raise ConfigError(f"prune.intermediate_size={inter}: the model has {config.intermediate_size}")
-    if heads > n_heads or heads % group:
-        raise ConfigError(f"prune.num_heads={heads}: must be at most {n_heads} and a multiple of {group} "
-                          f"(heads per KV group: {n_heads} heads share {n_kv} KV heads; whole groups are cut)")
+    inter, heads = check_width(config, intermediate_size, num_heads)
     width = inter < config.intermediate_size or heads < n_heads
     if width and importance is None:
         raise ValueError("width pruning needs importance scores (measure_importance)")
@@ -270,6 +277,9 @@ def prune_teacher(cfg: RunConfig, output: Path | None = None) -> PruneResult:
     tokenizer = load_tokenizer(cfg.teacher.model)
     teacher = load_model(cfg.teacher.model, tokenizer)
     _check_layout(teacher)
+    check_width(teacher.config, p.intermediate_size, p.num_heads)  # before minutes of calibration
+    if not p.n_layers:
+        choose_layers(p, teacher.config.num_hidden_layers)
     importance = measure_importance(teacher, calibration_batches(cfg, tokenizer)) if _needs_importance(p) else None
     layers = choose_layers(p, teacher.config.num_hidden_layers, importance.block_influence if importance else None)
     pruned, record = prune_model(teacher, layers, p.intermediate_size, p.num_heads, importance)
