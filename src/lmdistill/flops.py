@@ -14,8 +14,6 @@ its prefill once and then one position per row and step).
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-
 import torch
 
 
@@ -35,8 +33,12 @@ def count_parameters(model: torch.nn.Module, *, non_embedding: bool = True) -> i
     return total
 
 
-def computed_tokens(args: tuple, kwargs: dict) -> int:
-    """Positions a causal-LM forward computes: its new input positions that are not padding."""
+def computed_tokens(args: tuple, kwargs: dict) -> int | torch.Tensor:
+    """Positions a causal-LM forward computes: its new input positions that are not padding.
+
+    Read from the attention mask it is a 0-dim tensor on the mask's device, not synchronised (a GPU
+    run does not wait on every forward, decoding steps included); else an int.
+    """
     ids = kwargs.get("input_ids", args[0] if args else None)
     embeds = kwargs.get("inputs_embeds")
     shape = ids.shape if ids is not None else embeds.shape[:2] if embeds is not None else None
@@ -44,17 +46,37 @@ def computed_tokens(args: tuple, kwargs: dict) -> int:
         return 0
     mask = kwargs.get("attention_mask")
     if isinstance(mask, torch.Tensor) and mask.dim() == 2:
-        return int(mask[:, -shape[-1]:].sum())  # with a KV cache the mask covers past + new positions
+        return mask[:, -shape[-1]:].sum()  # with a KV cache the mask covers past + new positions
     return int(torch.Size(shape).numel())
 
 
-@dataclass
 class FlopMeter:
-    """Cumulative FLOPs of a run, by the rule of the module docstring."""
+    """Cumulative FLOPs of a run, by the rule of the module docstring.
 
-    train: float = 0.0
-    other: float = 0.0
-    _handles: list = field(default_factory=list, repr=False)
+    Forwards add their counts as pending tensors; reading `train` or `other` sums them (one
+    synchronisation per read, e.g. per logged step, not per forward).
+    """
+
+    def __init__(self, train: float = 0.0, other: float = 0.0) -> None:
+        self._totals = {"train": float(train), "other": float(other)}
+        self._pending: dict[str, list[tuple[float, int | torch.Tensor]]] = {"train": [], "other": []}
+        self._handles: list = []
+
+    def _read(self, kind: str) -> float:
+        pending = self._pending[kind]
+        if pending:
+            self._totals[kind] += sum(per_token * int(tokens) for per_token, tokens in pending)
+            pending.clear()
+        return self._totals[kind]
+
+    def _write(self, kind: str, value: float) -> None:
+        self._pending[kind].clear()
+        self._totals[kind] = float(value)
+
+    train = property(lambda self: self._read("train"), lambda self, v: self._write("train", v),
+                     doc="6·N per token of forwards with gradient through trainable parameters.")
+    other = property(lambda self: self._read("other"), lambda self, v: self._write("other", v),
+                     doc="2·N per token of every other forward.")
 
     @property
     def total(self) -> float:
@@ -68,9 +90,9 @@ class FlopMeter:
         def hook(module: torch.nn.Module, args: tuple, kwargs: dict) -> None:
             tokens = computed_tokens(args, kwargs)
             if torch.is_grad_enabled() and any(p.requires_grad for p in module.parameters()):
-                self.train += 6.0 * n * tokens
+                self._pending["train"].append((6.0 * n, tokens))
             else:
-                self.other += 2.0 * n * tokens
+                self._pending["other"].append((2.0 * n, tokens))
 
         self._handles.append(model.register_forward_pre_hook(hook, with_kwargs=True))
 
