@@ -6,7 +6,9 @@ A run directory holds:
 - ``metrics.jsonl``: the training log, one JSON object a line (cumulative ``flops``, ``eval_*``);
 - ``train_summary.json``: written last by ``fit``, so its presence means the run finished;
 - ``model/``: the final model (a Hugging Face directory);
-- ``eval.json``: the evaluation (``lmdistill eval``).
+- ``eval.json``: the evaluation (``lmdistill eval``);
+- ``.lock``: locked (``flock``) by the one process that trains in the directory, for that
+  process's whole life (:func:`claim`); it holds that process's id.
 
 An evaluation-only run directory (``lmdistill eval MODEL --config``) holds config.yaml and
 eval.json. Sweeps name a grid point's directory after its varied keys (:func:`run_name`), reports
@@ -16,13 +18,16 @@ quickstart read run directories only through this module.
 
 from __future__ import annotations
 
+import fcntl
 import json
+import os
 import re
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, TextIO
 
 from lmdistill.config import ConfigError, RunConfig, to_dict
+from lmdistill.errors import UserError
 from lmdistill.io import read_yaml_mapping
 
 CONFIG = "config.yaml"
@@ -30,10 +35,16 @@ METRICS = "metrics.jsonl"
 SUMMARY = "train_summary.json"
 EVAL = "eval.json"
 MODEL = "model"
+LOCK = ".lock"
 
 
-class RunDirError(ValueError):
+class RunDirError(UserError, ValueError):
     """A run directory is missing or unreadable; the message names the file (and line)."""
+
+
+class InUse(ConfigError):
+    """Another process holds the lock of a run directory (or of an elicit output); the fix is to wait or to
+    write elsewhere."""
 
 
 # --------------------------------------------------------------------------- what a directory is
@@ -138,6 +149,11 @@ def flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
     return {prefix.rstrip("."): tree}
 
 
+SAME_CONFIG_IGNORES = ("output_dir", "train.resume")
+"""Keys that may differ between a run directory's config.yaml and a run reusing the directory: where it
+is, and whether to continue from its checkpoint, do not change what the run is."""
+
+
 def check_same_config(cfg: RunConfig) -> None:
     """Refuse to reuse a run directory written with a different config (keys both configs have)."""
     saved_path = cfg.run_dir / CONFIG
@@ -145,12 +161,80 @@ def check_same_config(cfg: RunConfig) -> None:
         return
     saved = flatten(read_config(cfg.run_dir))
     new = flatten(to_dict(cfg))
-    differ = [k for k in new if k in saved and k != "output_dir" and saved[k] != new[k]]
+    differ = [k for k in new if k in saved and k not in SAME_CONFIG_IGNORES and saved[k] != new[k]]
     if differ:
         shown = ", ".join(f"{k}: {saved[k]!r} there, {new[k]!r} now" for k in differ[:3])
         raise ConfigError(
-            f"{cfg.run_dir} was made with a different config ({shown}); remove it or sweep into another directory (-o)"
+            f"{cfg.run_dir} was made with a different config ({shown}); to start over, remove it "
+            f"(rm -r {cfg.run_dir}) or write to another directory (output_dir=DIR; sweep -o DIR; quickstart --out DIR)"
         )
+
+
+# --------------------------------------------------------------------------- one process per directory
+
+
+class FileLock:
+    """An exclusive ``flock`` on `path` (created if absent), taken without waiting; :class:`InUse`
+    (`busy`, and the holder's process id) when another process holds it. The file holds the holder's
+    id. Released by :meth:`close`, or by the kernel when the process ends, however it ends."""
+
+    def __init__(self, path: str | Path, *, busy: str) -> None:
+        self.path = Path(path)
+        self._file: TextIO = open(self.path, "a+")  # noqa: SIM115 - held for the lock's lifetime
+        try:
+            fcntl.flock(self._file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            self._file.seek(0)
+            holder = self._file.read().strip()
+            self._file.close()
+            raise InUse(f"{busy} (process {holder or '?'})") from None
+        self._file.seek(0)
+        self._file.truncate()
+        self._file.write(f"{os.getpid()}\n")
+        self._file.flush()
+
+    def holds(self, path: Path) -> bool:
+        """Whether this lock is still on the file at `path` (not on one since deleted or replaced)."""
+        try:
+            return not self._file.closed and os.stat(path).st_ino == os.fstat(self._file.fileno()).st_ino
+        except FileNotFoundError:
+            return False
+
+    def close(self) -> None:
+        """Release the lock."""
+        if not self._file.closed:
+            fcntl.flock(self._file, fcntl.LOCK_UN)
+            self._file.close()
+
+
+_claimed: dict[Path, FileLock] = {}
+"""Run directories this process holds (resolved path → lock), until it exits."""
+
+
+def claim(cfg: RunConfig, *, create: bool = False) -> None:
+    """Make `cfg.run_dir` this process's, before anything is written to it: refuse a directory another
+    process holds (:class:`InUse`; its ``.lock`` stays locked by this process until it exits) and one
+    written with a different config (:func:`check_same_config`).
+
+    A directory that does not exist yet is left alone (nothing is created before the run's inputs are
+    checked), unless `create`: then it is made, locked and checked (another process may have made it
+    since the first call). Claiming a directory this process holds again is a no-op lock-wise.
+    """
+    run_dir = cfg.run_dir
+    if not run_dir.is_dir():
+        if not create:
+            return
+        if run_dir.exists():
+            raise RunDirError(f"{run_dir}: exists and is not a directory; set output_dir to a directory")
+        run_dir.mkdir(parents=True, exist_ok=True)
+    key = run_dir.resolve()
+    held = _claimed.get(key)
+    if held is None or not held.holds(run_dir / LOCK):
+        if held is not None:
+            held.close()
+        _claimed[key] = FileLock(run_dir / LOCK, busy=f"{run_dir} is in use by another lmdistill run: wait for "
+                                 "it to finish, or give this run another directory (output_dir=DIR)")
+    check_same_config(cfg)
 
 
 # --------------------------------------------------------------------------- names

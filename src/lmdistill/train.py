@@ -25,8 +25,8 @@ from accelerate import Accelerator
 from tqdm.auto import tqdm
 from transformers import PreTrainedTokenizerBase
 
-from lmdistill import checkpoint
-from lmdistill.config import RunConfig, save_config, to_dict
+from lmdistill import checkpoint, rundir
+from lmdistill.config import ConfigError, RunConfig, save_config, to_dict
 from lmdistill.data import collate, encode_rows
 from lmdistill.data.tokenize import Encoded
 from lmdistill.evaluate.answers import answer_accuracy_counts
@@ -117,9 +117,13 @@ def heldout_metrics(
 
 
 def _mixed_precision(choice: str) -> str:
-    if choice != "auto":
-        return choice
-    return "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "no"
+    bf16 = torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+    if choice == "auto":
+        return "bf16" if bf16 else "no"
+    if choice != "no" and not (bf16 if choice == "bf16" else torch.cuda.is_available()):
+        raise ConfigError(f"train.mixed_precision={choice}: this machine has no GPU that supports {choice}; "
+                          "set train.mixed_precision=auto (or no)")
+    return choice
 
 
 def seed_everything(seed: int) -> None:
@@ -154,9 +158,11 @@ def setup(cfg: RunConfig) -> Run:
     t = cfg.train
     # cpu=True when there is no GPU lets a launch of several processes run DDP on gloo.
     accelerator = Accelerator(mixed_precision=_mixed_precision(t.mixed_precision), cpu=not torch.cuda.is_available())
+    if accelerator.is_main_process:
+        rundir.claim(cfg)  # another process's directory, or another config's, is refused before anything is written
     if t.batch_size % (accelerator.num_processes * t.grad_accum):
-        raise ValueError(f"train.batch_size={t.batch_size} must be divisible by processes "
-                         f"({accelerator.num_processes}) x train.grad_accum ({t.grad_accum})")
+        raise ConfigError(f"train.batch_size={t.batch_size} must be divisible by processes "
+                          f"({accelerator.num_processes}) x train.grad_accum ({t.grad_accum})")
     seed_everything(t.seed)
     # Data first: a bad row stops the run before anything is written.
     tokenizer = load_tokenizer(cfg.student)
@@ -168,7 +174,7 @@ def setup(cfg: RunConfig) -> Run:
     method_cls = METHODS[cfg.method.name]
     check_needs(cfg.method.name, method_cls.teacher_needs(cfg.method), teacher)
     if accelerator.is_main_process:
-        cfg.run_dir.mkdir(parents=True, exist_ok=True)
+        rundir.claim(cfg, create=True)
         save_config(cfg, cfg.run_dir / "config.yaml")
         if cfg.student.init_from == "teacher":
             student_init(cfg)

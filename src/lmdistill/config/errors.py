@@ -1,5 +1,7 @@
 """The one error every configuration check raises."""
 
+from lmdistill.errors import UserError
 
-class ConfigError(ValueError):
+
+class ConfigError(UserError, ValueError):
     """A configuration value or key is wrong; the message names it."""
