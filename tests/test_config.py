@@ -131,3 +131,67 @@ def test_every_field_has_help():
 
 def test_parse_overrides_nests():
     assert parse_overrides(["a.b.c=1", "a.d=x"]) == {"a": {"b": {"c": 1}, "d": "x"}}
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("train.lr=0", "train.lr must be a number > 0, got 0.0"),
+        ("train.lr=-1e-3", "train.lr must be a number > 0"),
+        ("train.lr=.nan", "train.lr must be a number > 0"),
+        ("train.batch_size=0", "train.batch_size must be >= 1, got 0"),
+        ("train.steps=0", "train.steps must be >= 1, got 0"),
+        ("train.grad_accum=0", "train.grad_accum must be >= 1"),
+        ("train.grad_accum=5", "train.batch_size=32 must be divisible by train.grad_accum=5"),
+        ("train.warmup_steps=-1", "train.warmup_steps must be >= 0"),
+        ("train.min_lr_ratio=2", "train.min_lr_ratio must be in"),
+        ("train.betas=[0.9,1.5]", "train.betas must both be in"),
+        ("train.log_every=0", "train.log_every must be >= 1"),
+        ("train.keep_checkpoints=0", "train.keep_checkpoints must be >= 1"),
+        ("train.max_grad_norm=-1", "train.max_grad_norm must be >= 0"),
+        ("eval.batch_size=0", "eval.batch_size must be >= 1"),
+        ("eval.max_new_tokens=0", "eval.max_new_tokens must be >= 1"),
+        ("data.eval_fraction=1.5", "data.eval_fraction must be in"),
+        ("data.max_length=1", "data.max_length must be >= 2"),
+        ("data.n_train=0", "data.n_train must be >= 1"),
+        ("teacher.base_url=localhost:8080", "teacher.base_url='localhost:8080': expected http"),
+        ("teacher.base_url=http://h:port/v1", "teacher.base_url='http://h:port/v1': expected http"),
+        ("teacher.concurrency=0", "teacher.concurrency >= 1"),
+    ],
+)
+def test_bad_values_are_refused_with_the_key(override, message):
+    """Values that cannot run are refused when the config is built, naming the key (issue 14, fault 6)."""
+    with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace("[", r"\[")):
+        load_config(None, [override])
+
+
+def test_accepted_values_at_the_edges():
+    cfg = load_config(None, ["train.steps=1", "train.batch_size=1", "train.lr=1e10", "train.grad_accum=4",
+                             "train.batch_size=8", "teacher.base_url=http://[::1]:8080/v1", "train.warmup_steps=0"])
+    assert (cfg.train.steps, cfg.train.batch_size, cfg.train.grad_accum) == (1, 8, 4)
+
+
+def test_a_key_given_twice_in_yaml_is_an_error_naming_file_line_and_key(tmp_path):
+    path = tmp_path / "twice.yaml"
+    path.write_text("train:\n  lr: 1.0e-3\n  steps: 4\n  lr: 2.0e-3\nmethod:\n  name: sft\n")
+    with pytest.raises(ConfigError, match=f"{path}:4: key train.lr is given twice \\(first on line 2\\)"):
+        load_config(path)
+    path.write_text("name: a\nname: b\n")
+    with pytest.raises(ConfigError, match=f"{path}:2: key name is given twice"):
+        load_config(path)
+    path.write_text("base: &b {lr: 1.0e-3}\ntrain:\n  <<: *b\n  steps: 4\n")  # a merge key overrides by design
+    with pytest.raises(ConfigError, match="unknown config key base"):
+        load_config(path)
+
+
+def test_yaml_that_is_not_utf8_or_not_yaml_names_file_and_line(tmp_path):
+    path = tmp_path / "latin1.yaml"
+    path.write_bytes("name: run\ntrain:\n  steps: 3 # caf\xe9\n".encode("latin-1"))
+    with pytest.raises(ConfigError, match=f"{path}:3: not UTF-8 text \\(byte 0xe9\\)"):
+        load_config(path)
+    path.write_text("train: [1, 2\nname: x\n")
+    with pytest.raises(ConfigError, match=f"{path}:2: not valid YAML") as info:
+        load_config(path)
+    assert "\n" not in str(info.value)
+    with pytest.raises(ConfigError, match=f"{tmp_path}: is a directory"):
+        load_config(tmp_path)

@@ -1,6 +1,6 @@
 """The one error every configuration check raises."""
 
-from lmdistill.errors import UserError
+from lmdistill.io import UserError
 
 
 class ConfigError(UserError, ValueError):

@@ -3,9 +3,11 @@ options) and the whole :class:`RunConfig`. Each field's help text is the docstri
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
+from urllib.parse import urlsplit
 
 from lmdistill.config.elicit import ElicitConfig
 from lmdistill.config.errors import ConfigError
@@ -35,6 +37,16 @@ class ModelConfig:
     """Weights' dtype when loading."""
     init_from: Literal["teacher"] | None = None
     """Student only. `teacher`: start from the teacher's weights cut by the `prune` section (written once to <run_dir>/student_init/ and reused); the tokenizer defaults to the teacher's."""
+
+
+def _is_http_url(url: str) -> bool:
+    """Whether `url` is http(s)://HOST[:PORT][/PATH] (the port, if any, a number)."""
+    try:
+        parts = urlsplit(url)
+        _ = parts.port  # a port that is not a number raises
+    except ValueError:
+        return False
+    return parts.scheme in ("http", "https") and bool(parts.hostname) and " " not in url
 
 
 @dataclass
@@ -102,6 +114,12 @@ class TeacherConfig:
             raise ValueError(f"teacher.prefix is for a local teacher (and cache-teacher), not teacher.kind={self.kind}")
         if self.mixture and self.kind == "none":
             raise ValueError("teacher.mixture is set but teacher.kind=none; set teacher.kind=mixture")
+        if self.base_url is not None and not _is_http_url(self.base_url):
+            raise ConfigError(f"teacher.base_url={self.base_url!r}: expected http(s)://HOST[:PORT]/PATH, "
+                              "e.g. http://127.0.0.1:8080/v1")
+        if self.timeout <= 0 or self.max_retries < 0 or self.concurrency < 1:
+            raise ConfigError(f"teacher.timeout must be > 0, teacher.max_retries >= 0 and teacher.concurrency >= 1 "
+                              f"({self.timeout}, {self.max_retries}, {self.concurrency})")
 
 
 @dataclass
@@ -134,6 +152,18 @@ class DataConfig:
     """Over-long rows: `error` stops with the row named; `response` cuts the response's end. A prompt alone over the limit is always an error."""
     system_prompt: str | None = None
     """System message placed before each prompt, for tokenizers with a chat template."""
+
+    def __post_init__(self) -> None:
+        checks = [
+            (0 < self.eval_fraction < 1, "eval_fraction", "must be in (0, 1)"),
+            (0 <= self.math_difficulty <= 1, "math_difficulty", "must be in [0, 1]"),
+            (self.n_train >= 1, "n_train", "must be >= 1"),
+            (self.n_eval >= 1, "n_eval", "must be >= 1"),
+            (self.max_length >= 2, "max_length", "must be >= 2 (a prompt token and a response token)"),
+        ]
+        for ok, key, what in checks:
+            if not ok:
+                raise ConfigError(f"data.{key} {what}, got {getattr(self, key)!r}")
 
 
 @dataclass
@@ -173,6 +203,29 @@ class TrainConfig:
     resume: bool = True
     """Continue from the newest checkpoint in the run directory, if there is one."""
 
+    def __post_init__(self) -> None:
+        checks = [
+            (self.steps >= 1, "steps", "must be >= 1"),
+            (self.batch_size >= 1, "batch_size", "must be >= 1"),
+            (self.grad_accum >= 1, "grad_accum", "must be >= 1"),
+            (self.lr > 0 and math.isfinite(self.lr), "lr", "must be a number > 0"),
+            (self.weight_decay >= 0, "weight_decay", "must be >= 0"),
+            (all(0 <= b < 1 for b in self.betas), "betas", "must both be in [0, 1)"),
+            (self.warmup_steps >= 0, "warmup_steps", "must be >= 0"),
+            (0 <= self.min_lr_ratio <= 1, "min_lr_ratio", "must be in [0, 1]"),
+            (self.max_grad_norm >= 0, "max_grad_norm", "must be >= 0 (0 disables clipping)"),
+            (self.eval_every >= 0, "eval_every", "must be >= 0 (0: only at the end)"),
+            (self.log_every >= 1, "log_every", "must be >= 1"),
+            (self.checkpoint_every >= 0, "checkpoint_every", "must be >= 0 (0: none)"),
+            (self.keep_checkpoints >= 1, "keep_checkpoints", "must be >= 1"),
+        ]
+        for ok, key, what in checks:
+            if not ok:
+                raise ConfigError(f"train.{key} {what}, got {getattr(self, key)!r}")
+        if self.batch_size % self.grad_accum:
+            raise ConfigError(f"train.batch_size={self.batch_size} must be divisible by train.grad_accum="
+                              f"{self.grad_accum} (each accumulation micro-step takes an equal share of the batch)")
+
 
 @dataclass
 class EvalConfig:
@@ -203,6 +256,16 @@ class EvalConfig:
     """Held-out prompts answered greedily at each evaluation during training (logs eval_accuracy; 0: none)."""
 
     def __post_init__(self) -> None:
+        checks = [
+            (self.batch_size >= 1, "batch_size", "must be >= 1"),
+            (self.max_eval_rows >= 1, "max_eval_rows", "must be >= 1"),
+            (self.n_generate >= 0, "n_generate", "must be >= 0 (0: skip)"),
+            (self.max_new_tokens >= 1, "max_new_tokens", "must be >= 1"),
+            (self.n_generate_train >= 0, "n_generate_train", "must be >= 0 (0: none)"),
+        ]
+        for ok, key, what in checks:
+            if not ok:
+                raise ConfigError(f"eval.{key} {what}, got {getattr(self, key)!r}")
         if not self.decoding or len(set(self.decoding)) != len(self.decoding):
             raise ConfigError(f"eval.decoding: give each of greedy, sample at most once, at least one ({self.decoding})")
         if self.ece_bins < 1:
