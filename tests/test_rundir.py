@@ -1,14 +1,22 @@
 """lmdistill.rundir: what makes a run directory, finished or not, and reading its files back."""
 
 import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
 
 import pytest
 import yaml
 
-from lmdistill.config import ConfigError, to_dict
+from lmdistill.config import ConfigError, save_config, to_dict
 from lmdistill.rundir import (
+    LOCK,
+    InUse,
     RunDirError,
     check_same_config,
+    claim,
     find_runs,
     flatten,
     has_training,
@@ -22,7 +30,34 @@ from lmdistill.rundir import (
     short_keys,
 )
 
+from lmdistill.train import fit
+
 from conftest import tiny_run_config
+
+SRC = str(Path(__file__).resolve().parent.parent / "src")
+
+
+def snapshot(root: Path) -> dict[str, bytes]:
+    """Every file under `root` (relative path → bytes): what a refused run must leave as it was."""
+    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+class LockHolder:
+    """Another process that holds `directory`'s run lock (rundir.FileLock) until stopped."""
+
+    def __init__(self, directory: Path) -> None:
+        code = ("import sys, time; from lmdistill.rundir import FileLock, LOCK; from pathlib import Path; "
+                "lock = FileLock(Path(sys.argv[1]) / LOCK, busy='held'); print('locked', flush=True); time.sleep(60)")
+        self.process = subprocess.Popen([sys.executable, "-c", code, str(directory)], stdout=subprocess.PIPE,
+                                        text=True, env={"PYTHONPATH": SRC, "PATH": ""})
+
+    def __enter__(self) -> "LockHolder":
+        assert self.process.stdout.readline().strip() == "locked"
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.process.kill()
+        self.process.wait(timeout=10)
 
 
 def test_a_run_directory_and_its_stages(tmp_path):
@@ -88,3 +123,49 @@ def test_check_same_config(addition_data, tmp_path):
     other = tiny_run_config(addition_data, tmp_path / "run", train={"lr": 1e-4})
     with pytest.raises(ConfigError, match="different config.*train.lr"):
         check_same_config(other)
+
+
+def test_run_refuses_another_config_before_writing_anything(addition_data, tmp_path):
+    """`run` on a directory made with another config stops before anything is written, config.yaml
+    included, and says how to start over (issue 14, fault 3)."""
+    first = tiny_run_config(addition_data, tmp_path / "run")
+    first.run_dir.mkdir()
+    save_config(first, first.run_dir / "config.yaml")
+    (first.run_dir / "metrics.jsonl").write_text('{"step": 1, "loss": 1.0}\n')
+    before = snapshot(first.run_dir)
+    other = tiny_run_config(addition_data, tmp_path / "run", train={"lr": 1e-4}, student={"n_embd": 64})
+    with pytest.raises(ConfigError, match=r"different config \(.*train.lr.*\); to start over, remove it .*output_dir="):
+        fit(other, progress=False)
+    assert snapshot(first.run_dir) == {**before, LOCK: (first.run_dir / LOCK).read_bytes()}
+    claim(tiny_run_config(addition_data, tmp_path / "run", train={"resume": False}))  # resume= is no other config
+
+
+def test_a_directory_another_process_holds_is_refused_at_once(addition_data, tmp_path):
+    """Two runs on one directory: the second stops at once, naming the holder (issue 14, fault 3)."""
+    cfg = tiny_run_config(addition_data, tmp_path / "run")
+    cfg.run_dir.mkdir()
+    with LockHolder(cfg.run_dir) as holder:
+        started = time.monotonic()
+        with pytest.raises(InUse, match=f"{cfg.run_dir} is in use by another lmdistill run.*output_dir=DIR.*"
+                                        f"process {holder.process.pid}"):
+            fit(cfg, progress=False)
+        assert time.monotonic() - started < 2.0  # before data, teacher or model are loaded
+        assert not (cfg.run_dir / "config.yaml").exists()
+    claim(cfg, create=True)  # the holder is gone: free again (a kill releases a flock)
+    assert (cfg.run_dir / LOCK).read_text().strip() == str(os.getpid())
+
+
+def test_this_process_keeps_its_claim_and_a_fresh_directory_is_created_only_when_asked(addition_data, tmp_path):
+    cfg = tiny_run_config(addition_data, tmp_path / "new")
+    claim(cfg)
+    assert not cfg.run_dir.exists()  # nothing is created before the run's inputs are checked
+    claim(cfg, create=True)
+    claim(cfg, create=True)  # the same process again: no conflict with itself
+    assert (cfg.run_dir / LOCK).exists()
+    other = subprocess.run([sys.executable, "-c", "import sys; from lmdistill.rundir import FileLock; "
+                            "FileLock(sys.argv[1], busy='busy')", str(cfg.run_dir / LOCK)],
+                           capture_output=True, text=True, env={"PYTHONPATH": SRC, "PATH": ""}, timeout=60)
+    assert other.returncode == 1 and f"InUse: busy (process {os.getpid()})" in other.stderr  # held by this one
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(RunDirError, match="exists and is not a directory"):
+        claim(tiny_run_config(addition_data, tmp_path / "file"), create=True)

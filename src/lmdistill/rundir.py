@@ -27,8 +27,7 @@ from pathlib import Path
 from typing import Any, TextIO
 
 from lmdistill.config import ConfigError, RunConfig, to_dict
-from lmdistill.errors import UserError
-from lmdistill.io import read_yaml_mapping
+from lmdistill.io import UserError, read_yaml_mapping, utf8
 
 CONFIG = "config.yaml"
 METRICS = "metrics.jsonl"
@@ -91,7 +90,7 @@ def read_json(path: Path) -> dict | None:
     if not path.exists():
         return None
     try:
-        return json.loads(path.read_text())
+        return json.loads(utf8(path.read_bytes(), path, RunDirError))
     except json.JSONDecodeError as e:
         raise RunDirError(f"{path}:{e.lineno}: not valid JSON ({e.msg})") from None
 
@@ -117,7 +116,7 @@ def read_metrics(path: str | Path) -> list[dict]:
     if not path.exists():
         return []
     rows = []
-    for i, line in enumerate(path.read_text().splitlines(), 1):
+    for i, line in enumerate(utf8(path.read_bytes(), path, RunDirError).splitlines(), 1):
         if not line.strip():
             continue
         try:

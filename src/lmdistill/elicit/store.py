@@ -10,12 +10,11 @@ A flush appends the new lines to both files (fsync), then replaces the state ato
 is the commit point: whatever lies beyond the committed byte counts (a flush torn by a crash, or
 one whose state was never written) is cut off when the store is reopened, so every reopened store
 holds exactly the rows of whole flushes. A second process writing the same output is refused (an
-exclusive ``flock`` on the state's lock file).
+exclusive lock on ``label.lock``, :class:`lmdistill.rundir.FileLock`).
 """
 
 from __future__ import annotations
 
-import fcntl
 import json
 import logging
 import os
@@ -25,6 +24,7 @@ from typing import Any
 from lmdistill.config import ConfigError
 from lmdistill.data.rows import DataError
 from lmdistill.io import atomic_write_json
+from lmdistill.rundir import FileLock, read_json
 
 log = logging.getLogger(__name__)
 
@@ -49,15 +49,11 @@ class ElicitStore:
         self.rejected_path = sibling(self.path, ".rejected.jsonl")
         self.state_path = sibling(self.path, ".state.json")
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        self._lock = open(sibling(self.path, ".lock"), "w")  # noqa: SIM115 - held for the store's lifetime
-        try:
-            fcntl.flock(self._lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            self._lock.close()
-            raise ConfigError(f"{self.path}: another `lmdistill elicit` is writing this output") from None
+        self._lock = FileLock(sibling(self.path, ".lock"), busy=f"{self.path}: another `lmdistill elicit` is "
+                              "writing this output; wait for it, or set elicit.output to another file")
         self.task = task
         if self.state_path.exists():
-            self.state = json.loads(self.state_path.read_text())
+            self.state = read_json(self.state_path)
             if self.state.get("task") != task:
                 self.close()
                 raise ConfigError(
@@ -133,9 +129,7 @@ class ElicitStore:
 
     def close(self) -> None:
         """Release the lock."""
-        if not self._lock.closed:
-            fcntl.flock(self._lock, fcntl.LOCK_UN)
-            self._lock.close()
+        self._lock.close()
 
     def __enter__(self) -> ElicitStore:
         return self

@@ -11,6 +11,7 @@ of the mass outside them (the tail) and the log-prob of the actual next token. H
 
 from lmdistill.teachers.cache.format import (
     DEFAULT_K,
+    HOW_TO_BUILD,
     CacheError,
     CacheMiss,
     decode_ids,
@@ -21,5 +22,5 @@ from lmdistill.teachers.cache.format import (
 )
 from lmdistill.teachers.cache.reader import CachedTeacher
 
-__all__ = ["DEFAULT_K", "CacheError", "CacheMiss", "CachedTeacher", "decode_ids", "encode_ids", "id_encoding",
+__all__ = ["DEFAULT_K", "HOW_TO_BUILD", "CacheError", "CacheMiss", "CachedTeacher", "decode_ids", "encode_ids", "id_encoding",
            "row_key", "tokenizer_fingerprint"]
