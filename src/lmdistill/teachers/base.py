@@ -26,6 +26,7 @@ from enum import IntEnum
 import torch
 from transformers import PreTrainedTokenizerBase
 
+from lmdistill.io import UserError
 from lmdistill.losses import TopK
 
 
@@ -52,7 +53,7 @@ class Capability(IntEnum):
         return self.name.lower()
 
 
-class CapabilityError(ValueError):
+class CapabilityError(UserError, ValueError):
     """A method needs more from the teacher than the backend gives."""
 
 

@@ -9,11 +9,12 @@ import torch
 from transformers import DynamicCache, PreTrainedModel, PreTrainedTokenizerBase
 
 from lmdistill.generation import generate
+from lmdistill.io import UserError
 from lmdistill.losses import TopK, token_logprobs
 from lmdistill.teachers.base import Capability, Teacher
 
 
-class TokenizerMismatch(ValueError):
+class TokenizerMismatch(UserError, ValueError):
     """Teacher and student tokenizers do not map the same tokens to the same ids."""
 
 

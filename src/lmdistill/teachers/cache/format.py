@@ -44,7 +44,7 @@ import torch
 from safetensors import safe_open
 from transformers import PreTrainedTokenizerBase
 
-from lmdistill.io import atomic_write_json
+from lmdistill.io import UserError, atomic_write_json
 
 log = logging.getLogger(__name__)
 
@@ -60,7 +60,7 @@ OPTIONAL_SETTINGS = ("tail_samples", "prefix_sha256")
 """Settings written only when their option is used (so older caches still match)."""
 
 
-class CacheError(ValueError):
+class CacheError(UserError, ValueError):
     """A cache directory is missing, incomplete, damaged or was built with other settings."""
 
 

@@ -19,6 +19,7 @@ Endpoints used (``base_url`` ends with ``/v1``): ``GET /models``, ``POST /comple
 from lmdistill.teachers.server.scoring import ScoreAlignmentError
 from lmdistill.teachers.server.teacher import ServerTeacher
 from lmdistill.teachers.server.tokens import TokenMap
-from lmdistill.teachers.server.transport import ServerError, ServerTimeout, ServerUnavailable
+from lmdistill.teachers.server.transport import ServerAuthError, ServerError, ServerTimeout, ServerUnavailable
 
-__all__ = ["ScoreAlignmentError", "ServerError", "ServerTeacher", "ServerTimeout", "ServerUnavailable", "TokenMap"]
+__all__ = ["ScoreAlignmentError", "ServerAuthError", "ServerError", "ServerTeacher", "ServerTimeout", "ServerUnavailable",
+           "TokenMap"]

@@ -18,7 +18,7 @@ from transformers import PreTrainedTokenizerBase
 from lmdistill.teachers.base import Capability
 from lmdistill.teachers.server.scoring import Echo, completion_entries, echoed_positions
 from lmdistill.teachers.server.tokens import TokenMap, decode, encode
-from lmdistill.teachers.server.transport import ServerError, ServerUnavailable, Transport
+from lmdistill.teachers.server.transport import ServerAuthError, ServerError, ServerUnavailable, Transport
 
 log = logging.getLogger(__name__)
 
@@ -35,11 +35,12 @@ def probe(transport: Transport, model: str, tokenizer: PreTrainedTokenizerBase |
     """(capability, features found, how the server echoes or None) of the server behind `transport`.
 
     Without a tokenizer a server gives TEXT at most. Raises :class:`ServerUnavailable` when the
-    server cannot be reached (after the retries).
+    server cannot be reached (after the retries), :class:`ServerAuthError` when it refuses the API key
+    (a refusal is not a missing capability).
     """
     try:
         transport.request("GET", "/models")  # reachable? (retried like any request)
-    except ServerUnavailable:
+    except (ServerUnavailable, ServerAuthError):
         raise
     except ServerError:
         pass  # answers, without a model list: fine
@@ -105,9 +106,12 @@ def _echo_aligned(transport: Transport, model: str, tokenizer: PreTrainedTokeniz
 
 def _try(transport: Transport, model: str, body: dict, *, retries: int | None = None) -> dict | None:
     """POST /completions for probing: None when the server refuses it (4xx, or 5xx with `retries`=0);
-    :class:`ServerUnavailable` (it could not be asked) propagates when retries were allowed."""
+    :class:`ServerUnavailable` (it could not be asked) propagates when retries were allowed, and
+    :class:`ServerAuthError` always."""
     try:
         return transport.request("POST", "/completions", {"model": model, **body}, retries=retries)
+    except ServerAuthError:
+        raise
     except ServerUnavailable:
         if retries == 0:
             return None

@@ -20,12 +20,13 @@ from dataclasses import dataclass, field
 import torch
 from transformers import PreTrainedTokenizerBase
 
+from lmdistill.io import UserError
 from lmdistill.losses import TopK
 from lmdistill.teachers.server.tokens import TokenMap, decode
 from lmdistill.teachers.server.transport import Transport
 
 
-class ScoreAlignmentError(ValueError):
+class ScoreAlignmentError(UserError, ValueError):
     """The server's echoed tokens cannot be matched to the sequence sent, position by position."""
 
 

@@ -3,7 +3,8 @@
 The connection pool, timeouts and proxies are httpx's (:class:`httpx.Client`); the retry policy
 is tenacity's: connection errors, timeouts, HTTP 429, 5xx and an unreadable body are retried with
 exponential backoff (``backoff · 2^attempt`` seconds, or the server's ``Retry-After``, at most
-``max_backoff``), up to ``max_retries`` times; other 4xx fail at once. The API key, read from the
+``max_backoff``), up to ``max_retries`` times; other 4xx fail at once, 401 and 403 as
+:class:`ServerAuthError`. The API key, read from the
 environment variable named by ``api_key_env``, is sent as ``Authorization: Bearer`` and scrubbed
 from every message and log line this module writes (a hostile server may echo it back).
 """
@@ -20,6 +21,8 @@ from typing import Any, TypeVar
 import httpx
 import tenacity
 
+from lmdistill.io import UserError
+
 log = logging.getLogger(__name__)
 
 R = TypeVar("R")
@@ -27,7 +30,7 @@ R = TypeVar("R")
 LOOPBACK = ("localhost", "127.0.0.1", "::1")
 
 
-class ServerError(RuntimeError):
+class ServerError(UserError, RuntimeError):
     """A request failed. ``completed`` holds the results finished before the failure, by index."""
 
     def __init__(self, message: str, *, completed: dict[int, Any] | None = None) -> None:
@@ -41,6 +44,10 @@ class ServerUnavailable(ServerError):
 
 class ServerTimeout(ServerUnavailable):
     """Retries exhausted and the last attempt timed out."""
+
+
+class ServerAuthError(ServerError):
+    """The server refused the credentials (HTTP 401 or 403): no key, or not one it accepts."""
 
 
 class _Retryable(Exception):
@@ -95,8 +102,8 @@ class Transport:
     def request(self, method: str, path: str, body: dict | None = None, *, retries: int | None = None) -> dict:
         """One JSON request (`path` below ``base_url``) under the retry policy; the parsed response.
 
-        Raises :class:`ServerError` (HTTP 4xx other than 429), :class:`ServerUnavailable` or
-        :class:`ServerTimeout` (retries exhausted).
+        Raises :class:`ServerError` (HTTP 4xx other than 429; :class:`ServerAuthError` for 401 and 403),
+        :class:`ServerUnavailable` or :class:`ServerTimeout` (retries exhausted).
         """
         url = self.base_url + path
         retries = self.max_retries if retries is None else retries
@@ -114,7 +121,7 @@ class Transport:
         except _Retryable as last:
             kind = ServerTimeout if last.timeout else ServerUnavailable
             raise kind(f"{method} {url}: gave up after {retries + 1} attempts in {time.monotonic() - started:.1f}s; "
-                       f"last error: {last}") from None
+                       f"last error: {last} (is the server running at teacher.base_url={self.base_url}?)") from None
 
     def _wait(self, state: tenacity.RetryCallState) -> float:
         """Seconds before the next attempt: the server's Retry-After if it sent one, else exponential."""
@@ -137,9 +144,13 @@ class Transport:
         if status == 429 or status >= 500:
             raise _Retryable(self.scrub(f"HTTP {status}: {response.text[:300]}"),
                              retry_after=_retry_after(response.headers)) from None
+        if status in (401, 403):
+            key = "is not accepted" if self.has_key else "is not set"
+            raise ServerAuthError(f"{method} {url}: authentication failed, " + self.scrub(f"HTTP {status}: "
+                                  f"{response.text[:300]}") + f"; the API key in ${self.api_key_env} {key} (set the "
+                                  "variable, or name another with teacher.api_key_env)")
         if status >= 400:
-            hint = f" (is ${self.api_key_env} right?)" if status in (401, 403) else ""
-            raise ServerError(f"{method} {url}: " + self.scrub(f"HTTP {status}: {response.text[:1000]}") + hint)
+            raise ServerError(f"{method} {url}: " + self.scrub(f"HTTP {status}: {response.text[:1000]}"))
         try:
             return response.json()
         except ValueError:
