@@ -19,6 +19,7 @@ from lmdistill.methods import METHOD_CONFIGS, load_config
 from lmdistill.prune import prune_teacher
 from lmdistill.quickstart import DEFAULT_METHODS, STUDENT_METHODS, quickstart
 from lmdistill.report import ReportError, write_report
+from lmdistill.report.summary import write_summary
 from lmdistill.rundir import is_run_dir
 from lmdistill.sweep import sweep
 from lmdistill.train import fit
@@ -100,6 +101,8 @@ def cmd_report(args: argparse.Namespace) -> int:
     print(f"report: {report.markdown}")
     for f in report.figures:
         print(f"figure: {f}")
+    if args.summary or args.teacher or args.student_init:
+        print(f"summary: {write_summary(args.runs, args.out, teacher=args.teacher, student_init=args.student_init)}")
     return 0
 
 
@@ -211,6 +214,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     rp.add_argument("runs", nargs="+", metavar="RUN_DIR", help="run directories, or directories of runs (a sweep)")
     rp.add_argument("-o", "--out", required=True, help="report directory")
+    rp.add_argument("--summary", action="store_true",
+                    help="also write DIR/summary.json: teacher, student_init, every run's eval.json numbers and final "
+                    "FLOPs, and per setting the mean and 95%% t-interval over seeds (every run needs an eval.json)")
+    rp.add_argument("--teacher", default=None, metavar="EVAL_DIR",
+                    help="summary.json's teacher: a run directory with an eval.json (lmdistill eval MODEL CONFIG -o DIR)")
+    rp.add_argument("--student-init", default=None, metavar="EVAL_DIR",
+                    help="summary.json's student_init: the student before training, evaluated the same way")
     rp.set_defaults(func=cmd_report)
 
     q = sub.add_parser(
