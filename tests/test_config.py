@@ -20,7 +20,7 @@ SHIPPED = {
     "elicit_label_math.yaml", "feedback_kl_math.yaml", "gkd_math.yaml", "hidden_math.yaml", "kd_math.yaml",
     "kd_mixture_math.yaml", "minillm_math.yaml", "seqkd_math.yaml", "sft_jsonl.yaml", "sft_math.yaml",
     "step_by_step_math.yaml", "experiments/elicit_instructions.yaml", "experiments/seed000_feedback_kl.yaml",
-    "experiments/seed000_feedback_kl_qwen.yaml", "experiments/seed003_methods.yaml",
+    "experiments/seed000_feedback_kl_teacher.yaml", "experiments/seed003_methods.yaml",
     "experiments/seed003_methods_instructions.yaml",
 }
 """The configs the README and the experiments name: the glob must find each of them."""
