@@ -103,6 +103,19 @@ def test_groups_labels_and_teacher_row(runs_with_teacher):
     assert {r.task for r in rows} == {"dolly"}
 
 
+def test_an_evaluation_only_model_is_its_own_untrained_row(runs_with_teacher):
+    """A pruned start evaluated with the students' config (even method sft) is not a seed of the trained sft."""
+    t_path = str(runs_with_teacher / "teacher" / "model")
+    pruned = write_run(runs_with_teacher, "pruned_eval", seed=1, method={"name": "sft"}, teacher=t_path,
+                       ev=student_eval(0.05, 0.0, 0.0, 2.0))
+    d = yaml.safe_load((pruned / "config.yaml").read_text())
+    d["student"] = {"path": str(runs_with_teacher / "pruned")}
+    (pruned / "config.yaml").write_text(yaml.safe_dump(d))
+    rows = organize([load_run(p) for p in find_runs([runs_with_teacher])])
+    assert [(r.label, len(r.runs)) for r in rows] == [
+        ("teacher", 1), ("kd alpha=0.5", 2), ("kd alpha=1", 2), ("pruned (untrained)", 1), ("sft", 1)]
+
+
 def test_report_tables_and_figures(runs_with_teacher, tmp_path, capsys):
     out = tmp_path / "report"
     assert main(["report", str(runs_with_teacher), "-o", str(out)]) == 0

@@ -194,7 +194,11 @@ def evaluate_path(model: str, config: str | Path | None, out_dir: str | Path | N
     config.yaml (with ``student.path`` = `model`) and eval.json. Refuses a directory that holds a
     training run, so that its config is never overwritten.
     """
-    cfg = load_config(config, overrides)
+    return evaluate_config(model, load_config(config, overrides), out_dir)
+
+
+def evaluate_config(model: str, cfg: RunConfig, out_dir: str | Path | None = None) -> dict:
+    """:func:`evaluate_path` with a resolved config."""
     spec = ModelConfig(path=model, dtype=cfg.student.dtype)
     cfg = replace(cfg, student=spec, output_dir=str(out_dir) if out_dir is not None else cfg.output_dir)
     out = cfg.run_dir

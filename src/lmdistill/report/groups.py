@@ -6,6 +6,8 @@
   file's name; tasks that would share a name get their differing data keys appended.
 - A group's **label** is its method, plus the keys in which it differs from other groups of the same
   method (``feedback-kl lam_prime=0.5``); with more than four such keys, its run name instead.
+- An **evaluation-only** directory (``lmdistill eval MODEL``; no training) that is not the teacher is a
+  row of its own, ``<model> (untrained)``: e.g. the pruned start every student trains from.
 - The **teacher's row** (on top of each table): a run directory given to the report whose model is
   the teacher named in other runs' configs (``teacher.model.path``); otherwise the teacher's numbers
   that ``lmdistill eval`` recorded in the students' eval.json (one per seed).
@@ -140,13 +142,23 @@ def _teacher_paths(runs: Sequence[Run]) -> dict[str, str]:
     return out
 
 
+def evaluation_only(run: Run) -> bool:
+    """A directory `lmdistill eval MODEL` wrote: an evaluation, no training."""
+    return not run.metrics and not run.summary
+
+
+def untrained_label(run: Run) -> str:
+    """``<model directory's name> (untrained)``."""
+    return f"{short_value(str(run.config.get('student.path', run.path.name)))} (untrained)"
+
+
 def organize(runs: Sequence[Run]) -> list[Row]:
     """Rows for the tables and curves: the teacher's rows first, then each setting × task in order."""
     named = _teacher_paths(runs)
     teacher_runs = [r for r in runs if _locations(r) & named.keys()]
     students = [r for r in runs if r not in teacher_runs]
     tasks = task_labels(runs)
-    labels = variant_labels(students)
+    labels = variant_labels([r for r in students if not evaluation_only(r)])
     n_teachers = len({named[next(iter(_locations(r) & named.keys()))] for r in teacher_runs})
 
     rows: list[Row] = []
@@ -179,9 +191,12 @@ def organize(runs: Sequence[Run]) -> list[Row]:
     groups: dict[tuple[str, str], Row] = {}
     for r in students:
         task = tasks[task_key(r)]
-        key = (setting_key(r, data=True), task)
+        if evaluation_only(r):  # a model as it was given (e.g. a pruned start), not one of the trained settings
+            key, label = (f"untrained {r.config.get('student.path')}", task), untrained_label(r)
+        else:
+            key, label = (setting_key(r, data=True), task), labels[setting_key(r, data=False)]
         if key not in groups:
-            groups[key] = Row(labels[setting_key(r, data=False)], task, [], [])
+            groups[key] = Row(label, task, [], [])
             rows.append(groups[key])
         groups[key].runs.append(r)
         if r.eval:
