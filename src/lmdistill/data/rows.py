@@ -12,8 +12,10 @@ from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
+from lmdistill.io import UserError, utf8
 
-class DataError(ValueError):
+
+class DataError(UserError, ValueError):
     """A data row is unusable; the message names file, line and field."""
 
 
@@ -62,8 +64,11 @@ def jsonl_lines(path: str | Path, what: str = "data file") -> Iterator[tuple[str
     path = Path(path)
     if not path.exists():
         raise DataError(f"{path}: no such {what}")
-    with path.open(encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
+    if path.is_dir():
+        raise DataError(f"{path}: is a directory, not a {what}")
+    with path.open("rb") as f:
+        for lineno, raw in enumerate(f, 1):
+            line = utf8(raw, path, DataError, line=lineno)
             if not line.strip():
                 continue
             where = f"{path}:{lineno}"

@@ -159,8 +159,8 @@ def _evaluate(spec: ModelConfig, cfg: RunConfig, eval_rows: Sequence[dict] | Non
     if eval_rows is None:
         _, eval_rows = method_rows(cfg)  # as the method evaluates (e.g. step-by-step's label prefix)
     tokenizer = load_tokenizer(spec)
+    teacher, same_vocab = _load_teacher_for_eval(cfg, tokenizer, device)  # a bad teacher stops before any loading
     model = load_model(spec, tokenizer).to(device)
-    teacher, same_vocab = _load_teacher_for_eval(cfg, tokenizer, device)
     result = evaluate_model(model, tokenizer, eval_rows, cfg, teacher=teacher, same_vocabulary=same_vocab)
     result["model"] = spec.path
     return result

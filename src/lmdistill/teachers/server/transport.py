@@ -120,7 +120,7 @@ class Transport:
             return policy(self._send, method, url, body)
         except _Retryable as last:
             kind = ServerTimeout if last.timeout else ServerUnavailable
-            raise kind(f"{method} {url}: gave up after {retries + 1} attempts in {time.monotonic() - started:.1f}s; "
+            raise kind(f"{method} {url}: gave up after {retries + 1} attempt{'s' if retries else ''} in {time.monotonic() - started:.1f}s; "
                        f"last error: {last} (is the server running at teacher.base_url={self.base_url}?)") from None
 
     def _wait(self, state: tenacity.RetryCallState) -> float:
