@@ -7,7 +7,7 @@ import torch
 from transformers import LogitsProcessor, LogitsProcessorList
 
 from lmdistill.config import ModelConfig
-from lmdistill.generation import generate_timed, sample_ids
+from lmdistill.generation import decode_speed, generate_timed, sample_ids
 from lmdistill.models import load_model, load_tokenizer
 
 CHAR = ModelConfig(tokenizer="char", n_layer=2, n_embd=32, n_head=2, max_position=128)
@@ -116,3 +116,17 @@ def test_generate_timed_counts_lengths_up_to_eos(model_and_tokenizer):
     gen = generate_timed(model, tok, ["3+4", "12+30"], max_new_tokens=6)
     assert len(gen.texts) == 2 and all(0 <= n <= 6 for n in gen.n_tokens)
     assert sum(gen.n_tokens) <= gen.n_decoded <= sum(gen.n_tokens) + 2
+
+
+def test_decode_speed_counts_exactly_new_tokens_per_prompt_even_where_eos_comes_first(model_and_tokenizer, monkeypatch):
+    model, tok = model_and_tokenizer
+    saved = model.lm_head.weight.detach().clone()
+    with torch.no_grad():  # every position's argmax is EOS: an ordinary decode would stop at once
+        model.lm_head.weight.zero_()
+        model.lm_head.weight[tok.eos_token_id] = 1.0
+    clock = iter([10.0, 12.0])  # the timed decode takes "2 s"
+    monkeypatch.setattr("lmdistill.generation.time.perf_counter", lambda: next(clock))
+    speed = decode_speed(model, tok, ["1+1", "What is 2 + 2?", "3"], new_tokens=7)
+    assert speed == pytest.approx(3 * 7 / 2.0)
+    with torch.no_grad():
+        model.lm_head.weight.copy_(saved)

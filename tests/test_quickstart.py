@@ -47,12 +47,16 @@ def test_the_demo_end_to_end_at_a_tiny_scale(tmp_path, monkeypatch, capsys):
     """Prune the real teacher, train one student for 2 steps, print table, examples and report; a rerun reuses it."""
     monkeypatch.setattr(qs, "EVAL", {**qs.EVAL, "n_generate": 3, "max_new_tokens": 6, "max_eval_rows": 8})
     monkeypatch.setattr(qs, "PRUNE", {**qs.PRUNE, "calibration_rows": 8})
+    monkeypatch.setattr(qs, "SPEED_TOKENS", 4)
     rows = qs.quickstart(tmp_path, scale=0.05, methods=("sft",))
     assert [r["model"] for r in rows] == ["teacher", "pruned, untrained", "sft"]
     teacher, pruned, sft = rows
     assert pruned["params"] < 0.65 * teacher["params"] and sft["params"] == pruned["params"]
     assert teacher["teacher_kl"] == 0.0 and pruned["teacher_kl"] > 0 and sft["train_flops"] > 0
-    assert read_eval(tmp_path / "teacher")["rouge_l"] == pytest.approx(1.0)  # the references are its answers
+    assert all(r["tokens_per_second"] > 0 for r in rows)
+    words = [(" ".join(x["reference"].split()), " ".join(x["prediction"].split()))
+             for x in read_eval(tmp_path / "teacher")["examples"]]
+    assert all(ref.startswith(pred) for ref, pred in words), words  # the references are its greedy answers
     out = capsys.readouterr().out
     assert "| pruned, untrained |" in out and "prompt: " in out and (tmp_path / "report" / "report.md").is_file()
     assert json.loads((tmp_path / "pruned" / "prune.json").read_text())["num_hidden_layers"]["after"] == 15

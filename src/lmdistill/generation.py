@@ -69,6 +69,33 @@ def _decode_batch(
 
 
 @torch.no_grad()
+def decode_speed(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, prompts: Sequence[str], *,
+                 new_tokens: int = 32, system_prompt: str | None = None) -> float:
+    """Greedy decoding speed of `model` in new tokens per second: all `prompts` as one left-padded batch,
+    exactly `new_tokens` each (EOS suppressed), KV cache, after one untimed warm-up step.
+
+    Every model decodes the same number of positions, so the speeds of two models compare their cost per
+    token and nothing else (the evaluation's ``tokens_per_second`` also depends on how long each answers).
+    """
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    ids = [tokenizer(render_prompt(tokenizer, p, system_prompt), add_special_tokens=False)["input_ids"] for p in prompts]
+    batch = {k: v.to(device) for k, v in collate_prompts(ids, tokenizer.pad_token_id).items()}
+    try:
+        model.generate(**batch, do_sample=False, max_new_tokens=1, pad_token_id=tokenizer.pad_token_id)
+        _sync(device)
+        t0 = time.perf_counter()
+        out = model.generate(**batch, do_sample=False, max_new_tokens=new_tokens, min_new_tokens=new_tokens,
+                             pad_token_id=tokenizer.pad_token_id)
+        _sync(device)
+        seconds = time.perf_counter() - t0
+    finally:
+        model.train(was_training)
+    return (out.shape[1] - batch["input_ids"].shape[1]) * len(prompts) / seconds
+
+
+@torch.no_grad()
 def sample_ids(
     model: PreTrainedModel,
     prompts: Sequence[Sequence[int]],

@@ -17,9 +17,11 @@ from importlib import resources
 from pathlib import Path
 
 from lmdistill import rundir
-from lmdistill.config import RunConfig, build
+from lmdistill.config import ModelConfig, RunConfig, build
 from lmdistill.evaluate.run import evaluate_config, evaluate_run
-from lmdistill.methods import METHOD_CONFIGS
+from lmdistill.generation import decode_speed
+from lmdistill.methods import METHOD_CONFIGS, method_rows
+from lmdistill.models import load_model, load_tokenizer
 from lmdistill.prune import PRUNE_JSON, prune_teacher
 from lmdistill.report import write_report
 from lmdistill.train import fit
@@ -53,6 +55,8 @@ STUDENT_METHODS = {
 
 N_SHOWN = 3
 """Held-out prompts printed with every model's answer."""
+SPEED_PROMPTS, SPEED_TOKENS = 8, 32
+"""Decoding speed is measured on the first 8 held-out prompts as one batch, 32 new tokens each (EOS suppressed)."""
 
 
 def _config(out: Path, name: str, method: dict, student: dict, data_path: Path, steps: int,
@@ -97,6 +101,12 @@ def quickstart_configs(out_dir: str | Path, scale: float = 1.0, methods: tuple[s
     return runs
 
 
+def _speed(model_path: str, prompts: list[str]) -> float:
+    spec = ModelConfig(path=model_path)
+    tokenizer = load_tokenizer(spec)
+    return decode_speed(load_model(spec, tokenizer), tokenizer, prompts, new_tokens=SPEED_TOKENS)
+
+
 def _evaluated(label: str, cfg: RunConfig, train: bool) -> tuple[dict, dict]:
     """(final training metrics, eval.json) of one demo run, reusing what a previous demo finished."""
     if train:
@@ -136,10 +146,14 @@ def quickstart(out_dir: str | Path = "runs/quickstart", scale: float = 1.0,
             "rouge_l": ev.get("rouge_l", float("nan")),
             "heldout_ce": ev["heldout_ce"],
             "teacher_kl": (ev.get("teacher_kl") or {}).get("fkl_all", 0.0 if label == "teacher" else float("nan")),
-            "tokens_per_second": ev.get("tokens_per_second", float("nan")),
             "train_flops": final.get("flops", 0.0),
             "seconds": time.perf_counter() - t0,
         })
+    # Speeds last, one model after another, in the same conditions: nothing else of the demo runs meanwhile.
+    prompts = [r["prompt"] for r in method_rows(first)[1][:SPEED_PROMPTS]]
+    for row, cfg in zip(rows, configs.values()):
+        trained = row["model"] not in ("teacher", "pruned, untrained")
+        row["tokens_per_second"] = _speed(str(cfg.run_dir / rundir.MODEL) if trained else str(cfg.student.path), prompts)
     print()
     print(format_table(rows))
     print()
@@ -153,7 +167,7 @@ def quickstart(out_dir: str | Path = "runs/quickstart", scale: float = 1.0,
 def format_table(rows: list[dict]) -> str:
     """A Markdown table of the demo's results; speed-up is tokens/s relative to the first row (the teacher)."""
     head = ("| model | params | ROUGE-L vs teacher | held-out CE (nats/token) | KL(teacher‖model) (nats/token) "
-            "| generation tokens/s | speed-up | train FLOPs | wall time (s) |")
+            f"| decoding tokens/s (batch {SPEED_PROMPTS}) | speed-up | train FLOPs | wall time (s) |")
     lines = [head, "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
     base = rows[0]["tokens_per_second"] if rows else float("nan")
 
