@@ -287,9 +287,12 @@ def build_parser() -> argparse.ArgumentParser:
     q = sub.add_parser(
         "quickstart",
         parents=[common],
-        help="the offline demo: math data, a teacher from scratch, a student, a comparison table",
-        description="Generate math data, train a teacher from scratch, train a much smaller student, "
-        "evaluate both and print a table. Runs offline on a CPU in about 10 minutes.",
+        help="the offline demo: SmolLM2-135M-Instruct cut to half its layers and distilled back, a comparison table",
+        description="Prune SmolLM2-135M-Instruct (pypi:smollm2-135m-instruct, offline) to its 15 layers of highest "
+        "block influence, train a copy of the cut model with each method on 269 instructions the teacher answered, "
+        "evaluate teacher, cut model and students on 47 held-out ones, and print a table (ROUGE-L against the "
+        "teacher's answers, held-out CE, KL to the teacher, parameters, decoding speed), three answers side by "
+        "side and where the report is. Runs offline on a 2-core CPU in about 10 minutes.",
     )
     q.add_argument("--out", default="runs/quickstart", help="directory for the runs (default: runs/quickstart)")
     q.add_argument("--scale", type=_positive_float, default=1.0, help="multiply training steps by this (0.1 for a smoke run)")
