@@ -128,7 +128,10 @@ class Method:
         return {}
 
     def state_dict(self) -> dict:
-        """Method state that a checkpoint must keep (replay buffers, counters)."""
+        """Method state that a checkpoint must keep (replay buffers, counters, teacher outputs).
+
+        Called on every process at each checkpoint (so it may gather from the others); process 0's is
+        saved and every process restores it."""
         return {}
 
     def load_state_dict(self, state: dict) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import torch
+from accelerate.utils import gather_object
 from transformers import LogitsProcessorList, PreTrainedModel
 
 from lmdistill.data.tokenize import IGNORE_INDEX, Encoded, collate
@@ -68,8 +69,8 @@ def sample_responses(model: PreTrainedModel, batch: Batch, ctx: RunContext, *, m
 def teacher_outputs(ctx: RunContext, batch: Batch, cache: dict[tuple[int, ...], list[int]], max_new_tokens: int) -> Batch:
     """The local teacher's greedy responses to the batch's prompts (after its `prefix_ids`), in the training layout.
 
-    Generated once per prompt and kept in `cache` (prompt ids → response ids): greedy decoding is
-    deterministic, so a resumed run regenerates the same ones. The teacher must have weights here
+    Generated once per prompt and kept in `cache` (prompt ids → response ids), which the method keeps in
+    its checkpoints (:func:`outputs_state`), so a resumed run does not generate them again. The teacher must have weights here
     (the method's :class:`~lmdistill.teachers.base.Needs` say so).
     """
     teacher, tok = ctx.teacher, ctx.tokenizer
@@ -82,6 +83,32 @@ def teacher_outputs(ctx: RunContext, batch: Batch, cache: dict[tuple[int, ...], 
                          max_new_tokens=max_new_tokens, do_sample=False)
         cache.update(zip(missing, out))
     return training_layout(prompts, [cache[tuple(p)] for p in prompts], tok.pad_token_id, batch["input_ids"].device)
+
+
+def outputs_state(ctx: RunContext, cache: dict[tuple[int, ...], list[int]]) -> dict[str, torch.Tensor]:
+    """A `teacher_outputs` cache as four flat int64 tensors (concatenated prompts and responses, and their
+    lengths), for a checkpoint: a resumed run neither generates them again nor counts their FLOPs twice.
+
+    Call on every process (as the checkpoint calls `state_dict`): each process's outputs are merged into
+    `cache` on all of them first, so that the checkpoint (process 0's state) holds every process's."""
+    if ctx.accelerator.num_processes > 1:
+        for part in gather_object([cache]):
+            cache.update(part)
+    prompts = list(cache)
+
+    def flat(seqs: list) -> torch.Tensor:
+        return torch.tensor([i for s in seqs for i in s], dtype=torch.int64)
+
+    return {"prompts": flat(prompts), "prompt_lengths": torch.tensor([len(p) for p in prompts], dtype=torch.int64),
+            "responses": flat([cache[p] for p in prompts]),
+            "response_lengths": torch.tensor([len(cache[p]) for p in prompts], dtype=torch.int64)}
+
+
+def outputs_from_state(state: dict[str, torch.Tensor]) -> dict[tuple[int, ...], list[int]]:
+    """The inverse of :func:`outputs_state`."""
+    prompts = torch.split(state["prompts"], state["prompt_lengths"].tolist())
+    responses = torch.split(state["responses"], state["response_lengths"].tolist())
+    return {tuple(p.tolist()): r.tolist() for p, r in zip(prompts, responses)}
 
 
 def with_prefix(batch: Batch, extra: Batch, prefix: str) -> Batch:

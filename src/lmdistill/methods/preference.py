@@ -11,7 +11,8 @@ import copy
 from lmdistill.config import MethodConfig
 from lmdistill.losses import LOSSES, NEEDS_REFERENCE, PREFERENCE_FORMS, response_ce_sum, sequence_logprobs
 from lmdistill.methods.base import ROWS, Batch, Loss, Method, Term, register
-from lmdistill.methods.common import sample_responses, student_logits, teacher_outputs, with_prefix
+from lmdistill.methods.common import (outputs_from_state, outputs_state, sample_responses, student_logits,
+                                     teacher_outputs, with_prefix)
 from lmdistill.teachers import Capability, Needs
 
 FORMS = tuple(PREFERENCE_FORMS)
@@ -81,9 +82,14 @@ class DPKD(Method):
         return self._reference
 
     def state_dict(self) -> dict:
-        return {"reference": self._reference.state_dict()} if self._reference is not None else {}
+        state = {"reference": self._reference.state_dict()} if self._reference is not None else {}
+        if self.cfg.chosen == "teacher":  # kept, so that a resumed run does not generate (and count) them again
+            state["teacher_outputs"] = outputs_state(self.ctx, self._teacher_outputs)
+        return state
 
     def load_state_dict(self, state: dict) -> None:
+        if "teacher_outputs" in state:
+            self._teacher_outputs = outputs_from_state(state["teacher_outputs"])
         if "reference" in state:
             unwrapped = self.ctx.accelerator.unwrap_model(self.ctx.model)
             self._reference = copy.deepcopy(unwrapped).eval().requires_grad_(False)

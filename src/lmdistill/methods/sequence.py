@@ -10,7 +10,7 @@ from lmdistill.config import MethodConfig
 from lmdistill.data.rows import DataError
 from lmdistill.losses import LOSSES, TopK, prediction_mask, response_ce_sum
 from lmdistill.methods.base import Batch, Loss, Method, Term, missing_field, register
-from lmdistill.methods.common import student_logits, teacher_outputs, teacher_signal
+from lmdistill.methods.common import outputs_from_state, outputs_state, student_logits, teacher_outputs, teacher_signal
 from lmdistill.methods.distill import divergence_params
 from lmdistill.methods.sft import SFT
 from lmdistill.teachers import Capability, Needs
@@ -60,6 +60,13 @@ class SeqKD(SFT):
                     "written by `lmdistill elicit label`); this row has none"
                 )
         return rows
+
+    def state_dict(self) -> dict:
+        return {"teacher_outputs": outputs_state(self.ctx, self._outputs)} if self.cfg.source == "teacher" else {}
+
+    def load_state_dict(self, state: dict) -> None:
+        if "teacher_outputs" in state:
+            self._outputs = outputs_from_state(state["teacher_outputs"])
 
     def sequences(self, batch: Batch) -> Batch:
         if self.cfg.source == "data":
