@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import math
 import random
+import shutil
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass, replace
@@ -32,13 +33,19 @@ from lmdistill.data.tokenize import Encoded
 from lmdistill.evaluate.answers import answer_accuracy_counts
 from lmdistill.flops import count_parameters
 from lmdistill.heldout import TokenStats, heldout_stats
-from lmdistill.io import atomic_write_json
+from lmdistill.io import UserError, atomic_write_json
 from lmdistill.methods import METHODS, Method, RunContext, make_method, method_rows
 from lmdistill.methods.base import ROWS, Batch, Term, term_units
 from lmdistill.models import load_model, load_tokenizer, save_model
 from lmdistill.prune import student_init
 from lmdistill.teachers import check_needs
+from lmdistill.teachers.cache import HOW_TO_BUILD, CachedTeacher, CacheMiss
 from lmdistill.teachers.load import load_teacher
+
+
+class NonFiniteLoss(UserError, FloatingPointError):
+    """The loss or the gradient norm of a step is not finite (the run diverged); the message names the step,
+    the last finite loss and the train.* keys that help. Nothing is saved from that state."""
 
 
 @dataclass
@@ -173,8 +180,12 @@ def setup(cfg: RunConfig) -> Run:
     teacher = load_teacher(cfg.teacher, tokenizer, accelerator.device)
     method_cls = METHODS[cfg.method.name]
     check_needs(cfg.method.name, method_cls.teacher_needs(cfg.method), teacher)
+    if isinstance(teacher, CachedTeacher):
+        check_cache_holds(teacher, train_set, train_rows)
     if accelerator.is_main_process:
         rundir.claim(cfg, create=True)
+        if not t.resume:
+            set_aside_previous_run(cfg.run_dir)
         save_config(cfg, cfg.run_dir / "config.yaml")
         if cfg.student.init_from == "teacher":
             student_init(cfg)
@@ -198,6 +209,63 @@ def setup(cfg: RunConfig) -> Run:
     trained = [*model.parameters(), *(p for m in prepared for p in m.parameters())]
     return Run(cfg, accelerator, tokenizer, train_set, eval_set, eval_rows, model, method, ctx, optimizer, scheduler,
                trained, n_params)
+
+
+def check_cache_holds(teacher: CachedTeacher, train_set: list[Encoded], train_rows: list[dict]) -> None:
+    """Refuse, before step 1, training rows that a top-k cache teacher does not hold (:class:`CacheMiss`
+    naming the cache, how many rows and the first one's file:line)."""
+    missing = [i for i, e in enumerate(train_set) if e.input_ids not in teacher]
+    if missing:
+        row = train_rows[missing[0]]
+        where = row.get("_where") or f"row {row.get('id', missing[0])!r}"
+        more = "" if teacher.complete else " The cache is incomplete: rerun `lmdistill cache-teacher` to finish it."
+        raise CacheMiss(f"{len(missing)} of the {len(train_set)} training rows are not in the top-k cache "
+                        f"{teacher.directory} (first: {where}); {HOW_TO_BUILD}.{more}")
+
+
+PREVIOUS = "previous"
+"""Where train.resume=false moves a run directory's earlier run (a run directory of its own)."""
+
+
+def set_aside_previous_run(run_dir: Path) -> None:
+    """train.resume=false: move what an earlier run left in `run_dir` (checkpoints, model, log, summary,
+    evaluation) into ``run_dir/previous/``, replacing an older one there, so that the new run neither
+    resumes nor prunes the old run's checkpoints. Says so when there was something to move."""
+    names = [checkpoint.CHECKPOINTS, rundir.MODEL, rundir.METRICS, rundir.SUMMARY, rundir.EVAL, "tensorboard"]
+    found = [n for n in names if (run_dir / n).exists()]
+    if not found:
+        return
+    dest = run_dir / PREVIOUS
+    replaced = dest.exists()
+    if replaced:
+        shutil.rmtree(dest)
+    dest.mkdir()
+    if (run_dir / rundir.CONFIG).exists():
+        shutil.copy2(run_dir / rundir.CONFIG, dest / rundir.CONFIG)
+    for name in found:
+        (run_dir / name).rename(dest / name)
+    print(f"train.resume=false: the previous run's {', '.join(found)} moved to {dest}"
+          + (" (replacing the one there before)" if replaced else "") + "; delete it when it is no longer needed")
+
+
+def nonfinite(loss: float, grad_norm: float | None, accelerator: Accelerator) -> bool:
+    """Whether the step's loss (this process's) or gradient norm is not finite on any process.
+
+    Under fp16 a non-finite gradient norm is the GradScaler's to handle (it skips the step and lowers
+    its scale), so only the loss counts there."""
+    bad = not math.isfinite(loss)
+    if grad_norm is not None and accelerator.scaler is None:
+        bad = bad or not math.isfinite(float(grad_norm))
+    if accelerator.num_processes > 1:
+        flag = torch.tensor([float(bad)], device=accelerator.device)
+        bad = bool(accelerator.reduce(flag, "sum").item() > 0)
+    return bad
+
+
+def json_row(row: dict) -> str:
+    """A metrics line as strict JSON: a non-finite number is written as null."""
+    clean = {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in row.items()}
+    return json.dumps(clean, allow_nan=False)
 
 
 def step_units(batches: list[Batch], accelerator: Accelerator) -> dict[str, float]:
@@ -238,18 +306,26 @@ def log_step(run: Run, sums: dict[str, list[float]], units: dict[str, float], ob
 def fit(cfg: RunConfig, *, stop_after: int | None = None, progress: bool = True) -> FitResult:
     """Train `cfg.student` by `cfg.method`; writes the run directory and returns where it is.
 
+    Resumes from the newest checkpoint that loads (train.resume); a finished run is left as it is.
+    A step whose loss or gradient norm is not finite makes no update; more such steps than
+    train.skip_nonfinite stop the run with :class:`NonFiniteLoss`, before anything is saved from them.
     `stop_after` ends the run abruptly after that step (after its checkpoint, if one is due),
     without saving the final model: it stands for a crash in tests of resuming.
     """
     run = setup(cfg)
     t, acc, model, method, ctx = cfg.train, run.accelerator, run.model, run.method, run.ctx
     world, rank = acc.num_processes, acc.process_index
-    metrics_path = cfg.run_dir / "metrics.jsonl"
-    start, tokens_seen = 0, 0
-    ckpt = checkpoint.latest(cfg.run_dir) if t.resume else None
-    if ckpt is not None:
-        state = checkpoint.load(ckpt, acc, objects={"lr_schedule": run.scheduler, "method": method})
-        start, tokens_seen = state["step"], state["tokens"]
+    metrics_path = cfg.run_dir / rundir.METRICS
+    if t.resume and rundir.is_finished(cfg.run_dir):
+        final = rundir.read_summary(cfg.run_dir).get("final") or {}
+        if acc.is_main_process:
+            print(f"{cfg.run_dir} is finished already (train_summary.json); to train it again set train.resume=false")
+        return FitResult(cfg.run_dir, final.get("step", t.steps), final)
+    start, tokens_seen, skipped = 0, 0, 0
+    objects = {"lr_schedule": run.scheduler, "method": method}
+    state = checkpoint.resume(cfg.run_dir, acc, objects=objects) if t.resume else None
+    if state is not None:
+        start, tokens_seen, skipped = state["step"], state["tokens"], state.get("skipped_nonfinite", 0)
         # Every process holds the global totals after a resume: keep them on the main one only.
         ctx.flops.train, ctx.flops.other = (state["flops_train"], state["flops_other"]) if rank == 0 else (0.0, 0.0)
         if acc.is_main_process:
@@ -258,11 +334,15 @@ def fit(cfg: RunConfig, *, stop_after: int | None = None, progress: bool = True)
     elif acc.is_main_process:
         metrics_path.unlink(missing_ok=True)
     acc.wait_for_everyone()
+    logged = rundir.read_metrics(metrics_path) if state is not None else []
     writer = _tensorboard(cfg.run_dir) if acc.is_main_process else None
     bar = tqdm(total=t.steps, initial=start, desc=f"{cfg.name} [{cfg.method.name}]", dynamic_ncols=True,
                disable=not (progress and acc.is_main_process))
 
-    last: dict = {}
+    # The numbers of the last step done (the last logged line when a resume starts at the end).
+    last: dict = logged[-1] if logged and logged[-1].get("step") == start else {}
+    finite = [r for r in logged if isinstance(r.get("loss"), float) and math.isfinite(r["loss"])]
+    last_finite: tuple[int, float] | None = (finite[-1]["step"], finite[-1]["loss"]) if finite else None
     t0 = time.perf_counter()
     for step in range(start, t.steps):
         ctx.step = step
@@ -285,30 +365,44 @@ def fit(cfg: RunConfig, *, stop_after: int | None = None, progress: bool = True)
             for k, (v, n) in metrics.items():
                 acc_k = sums.setdefault(k, [0.0, 0.0])
                 acc_k[0], acc_k[1] = acc_k[0] + v, acc_k[1] + n
-        grad_norm = acc.clip_grad_norm_(run.trained, t.max_grad_norm) if t.max_grad_norm > 0 else None
-        run.optimizer.step()
-        run.scheduler.step()
+        # The norm is measured (clipping at infinity is none) even without clipping: a NaN gradient must not reach AdamW.
+        grad_norm = acc.clip_grad_norm_(run.trained, t.max_grad_norm if t.max_grad_norm > 0 else math.inf)
+        bad = nonfinite(objective, grad_norm, acc)
+        if bad:
+            skipped += 1
+        else:
+            run.optimizer.step()
+            run.scheduler.step()
         run.optimizer.zero_grad(set_to_none=True)
 
         done = step + 1
         tokens_seen += int(units["tokens"])
         last = log_step(run, sums, units, objective, done, tokens_seen, t0)
-        if grad_norm is not None:
+        if grad_norm is not None and (t.max_grad_norm > 0 or bad):
             last["grad_norm"] = float(grad_norm)
-        if (t.eval_every and done % t.eval_every == 0) or done == t.steps:
+        if t.skip_nonfinite:
+            last["skipped_nonfinite"] = skipped
+        stop = bad and skipped > t.skip_nonfinite
+        if not bad:
+            last_finite = (done, last["loss"])
+        if not stop and ((t.eval_every and done % t.eval_every == 0) or done == t.steps):
             last.update(heldout_metrics(model, run.eval_set, run.eval_rows, run.tokenizer, acc, cfg))
-        if acc.is_main_process and (done % t.log_every == 0 or "eval_ce" in last or done == t.steps):
+        if acc.is_main_process and (done % t.log_every == 0 or "eval_ce" in last or done == t.steps or bad):
             with metrics_path.open("a") as f:
-                f.write(json.dumps(last) + "\n")
+                f.write(json_row(last) + "\n")
             if writer is not None:
                 for k, v in last.items():
-                    writer.add_scalar(k, v, done)
+                    if v is not None and math.isfinite(v):
+                        writer.add_scalar(k, v, done)
+        if stop:
+            bar.close()
+            raise NonFiniteLoss(_nonfinite_message(cfg, done, last, skipped, last_finite))
         bar.update(1)
         bar.set_postfix(loss=f"{last['loss']:.4f}", **({"eval": f"{last['eval_ce']:.4f}"} if "eval_ce" in last else {}))
         if t.checkpoint_every and done % t.checkpoint_every == 0:
-            state = {"tokens": tokens_seen, "flops_train": last["flops_train"], "flops_other": last["flops_other"]}
-            checkpoint.save(cfg.run_dir, done, acc, state, objects={"lr_schedule": run.scheduler, "method": method},
-                            keep=t.keep_checkpoints)
+            state = {"tokens": tokens_seen, "flops_train": last["flops_train"], "flops_other": last["flops_other"],
+                     "skipped_nonfinite": skipped}
+            checkpoint.save(cfg.run_dir, done, acc, state, objects=objects, keep=t.keep_checkpoints)
         if stop_after is not None and done >= stop_after:
             bar.close()
             return FitResult(cfg.run_dir, done, last)
@@ -317,11 +411,27 @@ def fit(cfg: RunConfig, *, stop_after: int | None = None, progress: bool = True)
         writer.close()
     weights = acc.get_state_dict(model)  # gathered on every process under FSDP / ZeRO-3
     if acc.is_main_process:
-        save_model(acc.unwrap_model(model), run.tokenizer, cfg.run_dir / "model", state_dict=weights)
-        atomic_write_json(cfg.run_dir / "train_summary.json", {"config": to_dict(cfg), "final": last,
-                                                               "params": run.n_params})
+        save_model(acc.unwrap_model(model), run.tokenizer, cfg.run_dir / rundir.MODEL, state_dict=weights)
+        atomic_write_json(cfg.run_dir / rundir.SUMMARY, {"config": to_dict(cfg), "final": json.loads(json_row(last)),
+                                                         "params": run.n_params})
     acc.wait_for_everyone()
     return FitResult(cfg.run_dir, t.steps, last)
+
+
+def _nonfinite_message(cfg: RunConfig, done: int, row: dict, skipped: int, last_finite: tuple[int, float] | None) -> str:
+    t = cfg.train
+    what = [f"the loss is {row['loss']}"] if not math.isfinite(row["loss"]) else [f"the loss is {row['loss']:.4g}"]
+    if "grad_norm" in row:
+        what.append(f"the gradient norm {row['grad_norm']}")
+    before = (f"the last finite loss {last_finite[1]:.4g} at step {last_finite[0]}" if last_finite is not None
+              else "no finite loss before it")
+    saved = checkpoint.latest(cfg.run_dir)
+    kept = f"the newest checkpoint is {saved.name}" if saved is not None else "no checkpoint"
+    count = (f"{skipped} non-finite steps, more than train.skip_nonfinite={t.skip_nonfinite}; " if t.skip_nonfinite
+             else "")
+    return (f"step {done}: {' and '.join(what)} (the run diverged; {before}); {count}stopped without saving "
+            f"this state ({kept}). Lower train.lr (now {t.lr:g}), lengthen train.warmup_steps, keep "
+            "train.max_grad_norm > 0, or set train.skip_nonfinite=N to skip up to N such steps")
 
 
 def _tensorboard(run_dir: Path):

@@ -201,7 +201,12 @@ class TrainConfig:
     seed: int = 0
     """Seed of initialisation, data order and sampling."""
     resume: bool = True
-    """Continue from the newest checkpoint in the run directory, if there is one."""
+    """Continue from the newest checkpoint in the run directory that loads, if there is one (a damaged newer
+    one is renamed step_N.corrupt); false: move an earlier run's checkpoints, model and log to previous/ and
+    start over."""
+    skip_nonfinite: int = 0
+    """Steps whose loss or gradient norm is non-finite (NaN, inf) that are skipped (no update; counted as
+    `skipped_nonfinite` in metrics.jsonl) before the run stops; 0: the first one stops the run."""
 
     def __post_init__(self) -> None:
         checks = [
@@ -218,6 +223,7 @@ class TrainConfig:
             (self.log_every >= 1, "log_every", "must be >= 1"),
             (self.checkpoint_every >= 0, "checkpoint_every", "must be >= 0 (0: none)"),
             (self.keep_checkpoints >= 1, "keep_checkpoints", "must be >= 1"),
+            (self.skip_nonfinite >= 0, "skip_nonfinite", "must be >= 0"),
         ]
         for ok, key, what in checks:
             if not ok:
