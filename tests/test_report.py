@@ -96,6 +96,14 @@ def test_curve_is_mean_and_std_over_seeds_aligned_by_step(runs_with_teacher):
     assert ss == pytest.approx([math.sqrt(2), math.sqrt(2)])
 
 
+def test_curve_skips_values_logged_as_null(runs_with_teacher):
+    """A non-finite number is logged as null (a skipped step); the curve leaves that line out."""
+    run = load_run(runs_with_teacher / "kd_a05_s1")
+    run.metrics[1]["eval_ce"] = None
+    xs, ys, _ = curve([run], "eval_ce")
+    assert xs == [20] and ys == [2]
+
+
 def test_groups_labels_and_teacher_row(runs_with_teacher):
     rows = organize([load_run(p) for p in find_runs([runs_with_teacher])])
     assert [(r.label, len(r.runs), r.teacher) for r in rows] == [

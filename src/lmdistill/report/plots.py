@@ -21,7 +21,8 @@ PERCENT_METRICS = frozenset({"eval_accuracy", "eval_token_acc"})
 
 def curve(runs: Sequence[Run], key: str, x_key: str = "flops") -> tuple[list[float], list[float], list[float]]:
     """(x, mean y, std y) over the runs' logged lines that have `key`, aligned by step (steps every run logged)."""
-    per_run = [{row["step"]: row for row in run.metrics if key in row and x_key in row and "step" in row} for run in runs]
+    per_run = [{row["step"]: row for row in run.metrics
+                if row.get(key) is not None and row.get(x_key) is not None and "step" in row} for run in runs]
     per_run = [p for p in per_run if p]
     if not per_run:
         return [], [], []
