@@ -172,7 +172,7 @@ CASES: list[tuple[str, str, str]] = [
     ("run-steps-zero", RUN + " train.steps=0", "train.steps must be >= 1, got 0"),
     ("run-grad-accum-indivisible", RUN + " train.grad_accum=3", "train.batch_size=8 must be divisible by train.grad_accum=3"),
     ("run-eval-fraction", RUN + " data.eval_fraction=1.5", "data.eval_fraction must be in (0, 1)"),
-    ("run-teacher-k-negative", RUN + " teacher.k=-1", "teacher.k must be >= 0"),
+    ("run-teacher-k-negative", RUN + " teacher.k=-1", "cfg.yaml: teacher.k must be >= 0"),
     ("run-unknown-method", RUN + " method.name=nope", "method.name: unknown method 'nope'"),
     ("run-key-of-another-method", RUN + " method.alpha=0.5", "unknown config key method.alpha"),
     ("run-bad-literal", RUN + " train.mixed_precision=fp8", "train.mixed_precision: 'fp8' is not one of"),

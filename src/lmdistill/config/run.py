@@ -102,18 +102,18 @@ class TeacherConfig:
 
     def __post_init__(self) -> None:
         if self.k < 0:
-            raise ValueError(f"teacher.k must be >= 0, got {self.k}")
+            raise ConfigError(f"teacher.k must be >= 0, got {self.k}")
         if self.tail_samples < 0:
-            raise ValueError(f"teacher.tail_samples must be >= 0, got {self.tail_samples}")
+            raise ConfigError(f"teacher.tail_samples must be >= 0, got {self.tail_samples}")
         if self.cache_shard_tokens < 1:
-            raise ValueError(f"teacher.cache_shard_tokens must be >= 1, got {self.cache_shard_tokens}")
+            raise ConfigError(f"teacher.cache_shard_tokens must be >= 1, got {self.cache_shard_tokens}")
         if self.kind == "mixture" and not sum(m.weight for m in self.mixture) > 0:
-            raise ValueError("teacher.kind=mixture needs teacher.mixture: a list of {path, weight} with weights "
+            raise ConfigError("teacher.kind=mixture needs teacher.mixture: a list of {path, weight} with weights "
                              "summing to more than 0")
         if self.prefix and self.kind not in ("local", "cache"):
-            raise ValueError(f"teacher.prefix is for a local teacher (and cache-teacher), not teacher.kind={self.kind}")
+            raise ConfigError(f"teacher.prefix is for a local teacher (and cache-teacher), not teacher.kind={self.kind}")
         if self.mixture and self.kind == "none":
-            raise ValueError("teacher.mixture is set but teacher.kind=none; set teacher.kind=mixture")
+            raise ConfigError("teacher.mixture is set but teacher.kind=none; set teacher.kind=mixture")
         if self.base_url is not None and not _is_http_url(self.base_url):
             raise ConfigError(f"teacher.base_url={self.base_url!r}: expected http(s)://HOST[:PORT]/PATH, "
                               "e.g. http://127.0.0.1:8080/v1")
