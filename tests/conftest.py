@@ -7,8 +7,9 @@ import random
 from pathlib import Path
 
 import pytest
+import yaml
 
-from lmdistill.config import RunConfig, build
+from lmdistill.config import RunConfig, build, to_dict
 from lmdistill.methods import METHOD_CONFIGS
 
 
@@ -94,3 +95,26 @@ def heldout_kls(cfg: RunConfig, model_dir: Path | None, teacher_dir: Path) -> tu
         s = student.eval()(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
         t = teacher.eval()(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
     return LOSSES["fkl"](s, t, mask).item(), LOSSES["rkl"](s, t, mask).item()
+
+
+def write_run(root: Path, name: str, *, seed: int = 0, method: dict | None = None, data: str = "dolly.jsonl",
+              teacher: str | None = None, metrics: list[dict] | None = None, ev: dict | None = None,
+              math_task: bool = False) -> Path:
+    """A run directory as `fit` + `lmdistill eval` leave it (config.yaml, metrics.jsonl, eval.json), written by
+    hand for report and summary tests; without `metrics`, an evaluation-only directory."""
+    sections = {"train": {"seed": seed}, "method": method or {"name": "sft"}}
+    if teacher:
+        sections["teacher"] = {"kind": "local", "model": {"path": teacher}}
+    cfg = tiny_run_config(Path(data), root / name, **sections)
+    run_dir = root / name
+    run_dir.mkdir(parents=True)
+    d = to_dict(cfg)
+    d["name"] = name
+    if math_task:
+        d["data"].update(source="math", train_path=None)
+    (run_dir / "config.yaml").write_text(yaml.safe_dump(d))
+    if metrics is not None:
+        (run_dir / "metrics.jsonl").write_text("".join(json.dumps(m) + "\n" for m in metrics))
+    if ev is not None:
+        (run_dir / "eval.json").write_text(json.dumps(ev))
+    return run_dir

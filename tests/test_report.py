@@ -9,10 +9,9 @@ import pytest
 import yaml
 
 from lmdistill.cli import main
-from lmdistill.config import to_dict
 from lmdistill.report import ReportError, curve, find_runs, load_run, organize, write_report
 
-from conftest import tiny_run_config
+from conftest import write_run
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
@@ -20,27 +19,6 @@ PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 def buckets(*rouge_em):
     return [{"bucket": b, "n": n, "rouge_l": r, "exact_match": e}
             for b, (n, r, e) in zip(("<= median", "median-mean", "> mean"), rouge_em)]
-
-
-def write_run(root: Path, name: str, *, seed: int, method: dict, data: str = "dolly.jsonl", teacher: str | None = None,
-              metrics: list[dict] | None = None, ev: dict | None = None, math_task: bool = False) -> Path:
-    """A run directory as `fit` + `lmdistill eval` leave it: config.yaml, metrics.jsonl, eval.json."""
-    sections = {"train": {"seed": seed}, "method": method}
-    if teacher:
-        sections["teacher"] = {"kind": "local", "model": {"path": teacher}}
-    cfg = tiny_run_config(Path(data), root / name, **sections)
-    run_dir = root / name
-    run_dir.mkdir(parents=True)
-    d = to_dict(cfg)
-    d["name"] = name
-    if math_task:
-        d["data"].update(source="math", train_path=None)
-    (run_dir / "config.yaml").write_text(yaml.safe_dump(d))
-    if metrics is not None:
-        (run_dir / "metrics.jsonl").write_text("".join(json.dumps(m) + "\n" for m in metrics))
-    if ev is not None:
-        (run_dir / "eval.json").write_text(json.dumps(ev))
-    return run_dir
 
 
 def log(flops: list[float], ce: list[float], acc: list[float]) -> list[dict]:

@@ -7,33 +7,17 @@ import statistics
 from pathlib import Path
 
 import pytest
-import yaml
 
 from lmdistill.cli import main
-from lmdistill.config import to_dict
 from lmdistill.report import ReportError, summarize, write_summary
 from lmdistill.report.summary import mean_ci, t_quantile_975
 
-from conftest import tiny_run_config
+from conftest import write_run
 
 
-def write_dir(root: Path, name: str, *, seed: int = 0, method: dict | None = None, teacher: str | None = None,
-              metrics: list[dict] | None = None, ev: dict | None = None) -> Path:
+def write_dir(root: Path, name: str, **kwargs) -> Path:
     """A run directory as `fit` + `lmdistill eval` (or an evaluation-only `lmdistill eval -o`) leave it."""
-    sections = {"train": {"seed": seed}, "method": method or {"name": "sft"}}
-    if teacher:
-        sections["teacher"] = {"kind": "local", "model": {"path": teacher}}
-    run_dir = root / name
-    cfg = tiny_run_config(Path("rows.jsonl"), run_dir, **sections)
-    run_dir.mkdir(parents=True)
-    d = to_dict(cfg)
-    d["name"] = name
-    (run_dir / "config.yaml").write_text(yaml.safe_dump(d))
-    if metrics is not None:
-        (run_dir / "metrics.jsonl").write_text("".join(json.dumps(m) + "\n" for m in metrics))
-    if ev is not None:
-        (run_dir / "eval.json").write_text(json.dumps(ev))
-    return run_dir
+    return write_run(root, name, data="rows.jsonl", **kwargs)
 
 
 def an_eval(acc: float, ce: float, *, params: int = 1000) -> dict:
