@@ -1,9 +1,7 @@
 """Reports built from run directories that the tests write by hand (no training): grouping, labels,
 mean ± std over seeds, the teacher's row, the tables' numbers, the figures, and bad input."""
 
-import json
 import math
-from pathlib import Path
 
 import pytest
 import yaml
