@@ -3,7 +3,8 @@
 6·N_student per token the student is trained on, whichever batch it sits in (data, its own samples,
 chosen / rejected sequences); 2·N per token of every other forward (teacher, frozen reference,
 sampling, evaluation); generation = its prefill (the prompts' real tokens) plus one position per row
-and decoding step after the first. Each test runs one real optimizer step of a method and checks
+and decoding step after the first. The output head's share of N counts only where logits are computed:
+a loss's response window, a prefill's last position. Each test runs one real optimizer step of a method and checks
 the logged FLOPs against that closed form, computed from the batch the method made (recorded) and
 the widths the decoder produced (recorded).
 """
@@ -16,10 +17,11 @@ import pytest
 import torch
 
 import lmdistill.generation as generation
-from lmdistill.data import encode_rows, load_rows
-from lmdistill.flops import FlopMeter, count_parameters, computed_tokens
+from lmdistill.data import collate, encode_rows, load_rows
+from lmdistill.flops import FlopMeter, count_parameters, computed_tokens, head_parameters
+from lmdistill.losses import prediction_mask, trained_window
 from lmdistill.methods import METHODS
-from lmdistill.models import build_char_tokenizer, load_model, load_tokenizer
+from lmdistill.models import build_char_tokenizer, causal_logits, load_model, load_tokenizer
 from lmdistill.train import fit
 
 from conftest import read_metrics, tiny_run_config
@@ -27,6 +29,21 @@ from conftest import read_metrics, tiny_run_config
 
 def tokens(batch: dict, prefix: str = "") -> int:
     return int(batch[prefix + "attention_mask"].sum())
+
+
+def window_tokens(batch: dict, prefix: str = "") -> int:
+    """Real tokens in the response window of the (prefixed) labels: where a loss computes logits."""
+    return int(batch[prefix + "attention_mask"][:, trained_window(batch[prefix + "labels"])].sum())
+
+
+def forward_cost(batch: dict, spec: str, n: int, h: int, factor: int) -> float:
+    """FLOPs of one forward of a model (N = n, head h) on the batch's `spec` sequences: a prefix, then
+    "*" where the forward computes every position's logits (a teacher's `score`) or "1" where only the
+    last column's; else the response window's."""
+    prefix, kind = spec.rstrip("*1"), spec[len(spec.rstrip("*1")):]
+    heads = {"*": tokens(batch, prefix), "1": int(batch[prefix + "attention_mask"][:, -1].sum())}.get(
+        kind, window_tokens(batch, prefix) if kind == "" else 0)
+    return factor * ((n - h) * tokens(batch, prefix) + h * heads)
 
 
 def test_meter_counts_trained_and_frozen_forwards_and_cached_generation():
@@ -47,13 +64,39 @@ def test_meter_counts_trained_and_frozen_forwards_and_cached_generation():
     assert meter.other == 2 * n * 6
     meter.other = 0.0
     generation.sample_ids(model, [[5, 6, 7], [9]], pad_id=tok.pad_token_id, eos_id=-1, max_new_tokens=5)
-    assert meter.other == 2 * n * (4 + 2 * 4)  # 4 prompt tokens, then 2 rows x 4 steps
+    h = head_parameters(model)
+    assert 0 < h < n
+    # 4 prompt tokens, then 2 rows x 4 steps; the prefill computes logits at each row's last position only
+    assert meter.other == 2 * (n - h) * (4 + 2 * 4) + 2 * h * (2 + 2 * 4)
     frozen = load_model(spec, tok, seed=1).requires_grad_(False)
     meter.attach(frozen)
     before = meter.train
     frozen(input_ids=ids, attention_mask=am)  # gradient mode on, but nothing to train
-    assert meter.train == before and meter.other == 2 * n * 12 + 2 * n * 6
+    generated = 2 * (n - h) * (4 + 2 * 4) + 2 * h * (2 + 2 * 4)
+    assert meter.train == before and meter.other == generated + 2 * n * 6
     assert computed_tokens((), {"input_ids": ids[:, -1:], "attention_mask": am}) == 1
+
+
+def test_the_head_counts_only_where_logits_are_computed():
+    """logits_to_keep (last n, or an index tensor) cuts the head's share to those positions' real tokens; the
+    loss window's logits equal the full forward's there."""
+    tok = build_char_tokenizer()
+    model = load_model(tiny_run_config(Path("x"), Path("y")).student, tok, seed=0)
+    n, h = count_parameters(model), head_parameters(model)
+    meter = FlopMeter()
+    meter.attach(model)
+    ids = torch.tensor([[5, 6, 7, 8, 9], [5, 6, 7, 0, 0]])
+    am = torch.tensor([[1, 1, 1, 1, 1], [1, 1, 1, 0, 0]])
+    with torch.no_grad():
+        full = model(input_ids=ids, attention_mask=am).logits
+        meter.other = 0.0
+        last3 = causal_logits(model, ids, am, slice(2, 5))  # an int: the last 3 positions
+        assert meter.other == 2 * (n - h) * 8 + 2 * h * (3 + 1)
+        meter.other = 0.0
+        middle = causal_logits(model, ids, am, slice(1, 3))  # an index tensor
+        assert meter.other == 2 * (n - h) * 8 + 2 * h * (2 + 2)
+    torch.testing.assert_close(last3, full[:, 2:5])
+    torch.testing.assert_close(middle, full[:, 1:3])
 
 
 # name -> (method options, teacher options, student-trained prefixes, teacher-forward prefixes)
@@ -62,18 +105,18 @@ CASES = {
     "kd": ({"name": "kd"}, {}, [""], [""]),
     "kd-topk-chunked": ({"name": "kd", "chunked": True}, {"k": 4}, [""], [""]),
     "gkd-on-policy": ({"name": "gkd", "lam": 1.0, "max_new_tokens": 4}, {}, [""], [""]),
-    "feedback-kl": ({"name": "feedback-kl", "max_new_tokens": 4}, {}, ["", "sample_"], ["", "sample_"]),
-    "feedback-kl-no-onpolicy": ({"name": "feedback-kl", "lam_prime": 0.0}, {}, [""], [""]),
+    "feedback-kl": ({"name": "feedback-kl", "max_new_tokens": 4}, {}, ["", "sample_"], ["*", "sample_"]),
+    "feedback-kl-no-onpolicy": ({"name": "feedback-kl", "lam_prime": 0.0}, {}, [""], ["*"]),
     "feedback-kl-score": ({"name": "feedback-kl", "max_new_tokens": 4, "estimator": "score"}, {},
-                          ["", "sample_"], ["", "sample_"]),
-    "dpkd": ({"name": "dpkd", "max_new_tokens": 4}, {}, ["", "chosen_", "rejected_"], ["chosen_", "rejected_"]),
+                          ["", "sample_"], ["*", "sample_*"]),
+    "dpkd": ({"name": "dpkd", "max_new_tokens": 4}, {}, ["", "chosen_", "rejected_"], ["chosen_", "rejected_*"]),
     "dpo": ({"name": "dpkd", "form": "dpo", "max_new_tokens": 4}, {}, ["", "chosen_", "rejected_"], ["chosen_"]),
     "simpo": ({"name": "dpkd", "form": "simpo", "chosen": "data", "max_new_tokens": 4}, {},
               ["", "chosen_", "rejected_"], ["chosen_"]),
     "minillm": ({"name": "minillm", "max_new_tokens": 4}, {}, ["", "sample_"], ["sample_"]),
     "distillm-fresh": ({"name": "distillm", "init_prob": 1.0, "max_new_tokens": 4}, {}, [""], [""]),
     "seqkd": ({"name": "seqkd", "max_new_tokens": 4}, {}, [""], []),
-    "hidden": ({"name": "hidden"}, {}, [""], [""]),
+    "hidden": ({"name": "hidden"}, {}, [""], ["1"]),
 }
 
 
@@ -85,39 +128,50 @@ def test_one_step_costs_the_closed_form(case, data, teacher_dir, tmp_path, monke
                           train={"steps": 1, "batch_size": 4, "log_every": 1})
     cls = METHODS[method["name"]]
     made: list[dict] = []
-    decoded: list[tuple[int, int, int]] = []  # (parameters of the decoding model, real prompt tokens, rows x (width - 1))
+    decoded: list[tuple[torch.nn.Module, int, int, int]] = []  # (decoding model, real prompt tokens, rows, rows x (width - 1))
     sequences, decode = cls.sequences, generation._decode_batch
     monkeypatch.setattr(cls, "sequences", lambda self, b: made.append(sequences(self, b)) or made[-1])
 
     def recording_decode(model, prompts, **kw):
         new = decode(model, prompts, **kw)
-        decoded.append((count_parameters(model), sum(map(len, prompts)), len(prompts) * (new.shape[1] - 1)))
+        decoded.append((model, sum(map(len, prompts)), len(prompts), len(prompts) * (new.shape[1] - 1)))
         mixing = kw.get("logits_processor")
         if mixing:  # MiniLLM's sampler runs the teacher alongside, step by step, with its own KV cache
-            decoded.append((count_parameters(mixing[0].teacher), sum(map(len, prompts)),
-                            len(prompts) * (new.shape[1] - 1)))
+            decoded.append((mixing[0].teacher, sum(map(len, prompts)), len(prompts), len(prompts) * (new.shape[1] - 1)))
         return new
 
     monkeypatch.setattr(generation, "_decode_batch", recording_decode)
     fit(cfg, progress=False)
 
     tok = load_tokenizer(cfg.student)
-    n_s = count_parameters(load_model(cfg.student, tok, seed=0))
-    n_t = count_parameters(load_model(type(cfg.student)(path=str(teacher_dir)), tok)) if teacher else 0
+    student = load_model(cfg.student, tok, seed=0)
+    n_s, h_s = count_parameters(student), head_parameters(student)
+    n_t = h_t = 0
+    if teacher:
+        teacher_model = load_model(type(cfg.student)(path=str(teacher_dir)), tok)
+        n_t, h_t = count_parameters(teacher_model), head_parameters(teacher_model)
     (b,) = made
-    expected_train = 6 * n_s * sum(tokens(b, p) for p in trained)
-    expected_other = 2 * n_t * sum(tokens(b, p) for p in teacher_fwd)
-    expected_other += sum(2 * n * (prefill + steps) for n, prefill, steps in decoded)
+    if method.get("chunked"):  # one position's logits in the forward; the loss applies the head to the rest
+        expected_train = 6 * ((n_s - h_s) * tokens(b) + h_s * len(b["labels"]))
+        expected_train += 6 * h_s * int(prediction_mask(b["labels"]).sum())
+    else:
+        expected_train = sum(forward_cost(b, p, n_s, h_s, 6) for p in trained)
+    expected_other = sum(forward_cost(b, p, n_t, h_t, 2) for p in teacher_fwd)
+    for model, prefill, rows, steps in decoded:
+        n, h = count_parameters(model), head_parameters(model)
+        expected_other += 2 * ((n - h) * (prefill + steps) + h * (rows + steps))
     if method.get("form") == "dpo":  # the frozen step-0 copy of the student scores chosen and rejected
-        expected_other += 2 * n_s * (tokens(b, "chosen_") + tokens(b, "rejected_"))
+        expected_other += forward_cost(b, "chosen_", n_s, h_s, 2) + forward_cost(b, "rejected_", n_s, h_s, 2)
     if method["name"] == "distillm":  # the validation before step 1, on the first val_rows held-out rows
         held = load_rows(cfg.data)[1][: cfg.method.val_rows]
-        val = encode_rows(tok, held, max_length=cfg.data.max_length, truncation=cfg.data.truncation)
-        expected_other += 2 * n_s * sum(len(x.input_ids) for x in val)
+        val = collate(encode_rows(tok, held, max_length=cfg.data.max_length, truncation=cfg.data.truncation),
+                      tok.pad_token_id)
+        expected_other += forward_cost(val, "", n_s, h_s, 2)
     row = read_metrics(cfg.run_dir)[0]
     assert row["flops_train"] == pytest.approx(expected_train, rel=1e-9)
     assert row["flops_other"] == pytest.approx(expected_other, rel=1e-9)
     assert row["flops"] == pytest.approx(expected_train + expected_other, rel=1e-9)
+    assert window_tokens(b) < tokens(b)  # the prompts are cut: the head's share is really smaller
     if trained != [""]:  # the fault this pins: samples / pairs were not counted as trained compute
         assert row["flops_train"] > 6 * n_s * tokens(b)
 

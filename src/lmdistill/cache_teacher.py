@@ -33,7 +33,7 @@ from transformers import PreTrainedTokenizerBase
 from lmdistill.config import ConfigError, RunConfig
 from lmdistill.data import Encoded, collate, encode_rows
 from lmdistill.io import atomic_write_bytes
-from lmdistill.losses import prediction_mask, sample_tail
+from lmdistill.losses import prediction_mask, sample_tail, trained_window
 from lmdistill.methods import method_rows
 from lmdistill.models import count_parameters, load_tokenizer
 from lmdistill.teachers.base import Teacher
@@ -142,8 +142,9 @@ def _compute_shard(teacher: Teacher, rows: list[_Row], k: int, pad_id: int, batc
         batch = collate(examples, pad_id)
         ids, am = batch["input_ids"].to(device), batch["attention_mask"].to(device)
         fed += int(am.sum())
-        mask = prediction_mask(batch["labels"]).to(device)  # (B, T): the rows' cached positions
-        logp = torch.log_softmax(teacher.logits(ids, am)[mask].float(), dim=-1)  # (N_b, V)
+        window = trained_window(batch["labels"])
+        mask = prediction_mask(batch["labels"][:, window]).to(device)  # (B, W): the rows' cached positions
+        logp = torch.log_softmax(teacher.logits(ids, am, window)[mask].float(), dim=-1)  # (N_b, V)
         columns: list[torch.Tensor] = []
         if tail_samples:  # 256 positions at a time: sorting (N_b, V) costs several times its size
             parts = [sample_tail(chunk, k, tail_samples, generator) for chunk in logp.split(256)]

@@ -9,7 +9,10 @@ frozen reference) by a forward pre-hook, so it counts each forward wherever it i
 
 where N is the model's parameter count without the input embedding and a token is a position
 that is computed: the non-padded new positions of the call (with a KV cache, generation counts
-its prefill once and then one position per row and step).
+its prefill once and then one position per row and step). The output head's share of N counts
+only at the positions whose logits the forward computes (``logits_to_keep``: the response window
+of a loss, the last position of a generation's prefill); a head applied outside the forward (the
+chunked loss) is added by its caller (:meth:`FlopMeter.add`).
 """
 
 from __future__ import annotations
@@ -50,6 +53,31 @@ def computed_tokens(args: tuple, kwargs: dict) -> int | torch.Tensor:
     return int(torch.Size(shape).numel())
 
 
+def head_positions(args: tuple, kwargs: dict, tokens: int | torch.Tensor) -> int | torch.Tensor:
+    """Positions at which a forward computes logits: its ``logits_to_keep`` (last n, or an index tensor)
+    among its non-padded new positions; all of them (`tokens`) without it."""
+    keep = kwargs.get("logits_to_keep")
+    if keep is None or (isinstance(keep, int) and keep == 0):
+        return tokens
+    ids = kwargs.get("input_ids", args[0] if args else None)
+    if ids is None:
+        ids = kwargs["inputs_embeds"][..., 0]
+    B, T = ids.shape[:2]
+    mask = kwargs.get("attention_mask")
+    real = mask[:, -T:] if isinstance(mask, torch.Tensor) and mask.dim() == 2 else ids.new_ones(B, T)
+    return real[:, -keep:].sum() if isinstance(keep, int) else real[:, keep.to(real.device)].sum()
+
+
+def head_parameters(model: torch.nn.Module) -> int:
+    """Parameters (weight and bias) of a model's output head, or of `model` itself when it is a linear
+    head; 0 for a model without one."""
+    get_out = getattr(model, "get_output_embeddings", None)
+    head = get_out() if callable(get_out) else model if isinstance(model, torch.nn.Linear) else None
+    if head is None:
+        return 0
+    return sum(p.numel() for p in (head.weight, getattr(head, "bias", None)) if p is not None)
+
+
 class FlopMeter:
     """Cumulative FLOPs of a run, by the rule of the module docstring.
 
@@ -82,17 +110,24 @@ class FlopMeter:
     def total(self) -> float:
         return self.train + self.other
 
+    def add(self, kind: str, per_token: float, tokens: int | torch.Tensor) -> None:
+        """Count `per_token` FLOPs for each of `tokens` under `kind` ("train" or "other"): compute that runs
+        outside a hooked forward (a head applied by the loss)."""
+        self._pending[kind].append((per_token, tokens))
+
     def attach(self, model: torch.nn.Module, n_params: int | None = None) -> None:
         """Count every forward of `model` from now on (N = `n_params`, default its non-embedding parameters)."""
         n = count_parameters(model) if n_params is None else n_params
+        n_head = min(head_parameters(model), n)
 
         # A deep copy of `model` (DPO's frozen reference) inherits this hook: it counts as the copy is, frozen.
         def hook(module: torch.nn.Module, args: tuple, kwargs: dict) -> None:
             tokens = computed_tokens(args, kwargs)
-            if torch.is_grad_enabled() and any(p.requires_grad for p in module.parameters()):
-                self._pending["train"].append((6.0 * n, tokens))
-            else:
-                self._pending["other"].append((2.0 * n, tokens))
+            heads = head_positions(args, kwargs, tokens)
+            kind, factor = ("train", 6.0) if torch.is_grad_enabled() and any(
+                p.requires_grad for p in module.parameters()) else ("other", 2.0)
+            self._pending[kind].append((factor * (n - n_head), tokens))
+            self._pending[kind].append((factor * n_head, heads))
 
         self._handles.append(model.register_forward_pre_hook(hook, with_kwargs=True))
 

@@ -24,6 +24,8 @@ import torch
 from torch import Tensor
 
 from lmdistill.data.tokenize import IGNORE_INDEX, Encoded, collate
+from lmdistill.losses import trained_window
+from lmdistill.models import causal_logits
 
 
 def calibration_bins(confidence: Tensor, correct: Tensor, n_bins: int) -> Tensor:
@@ -139,9 +141,10 @@ def heldout_stats(
     total = TokenStats.zeros(n_bins)
     for i in range(0, len(examples), batch_size):
         batch = {k: v.to(device) for k, v in collate(examples[i : i + batch_size], pad_id).items()}
+        window = trained_window(batch["labels"])
         with autocast():
-            logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits  # (B, T, V)
-        total = total + token_stats(logits, batch["labels"], n_bins=n_bins)
+            logits = causal_logits(model, batch["input_ids"], batch["attention_mask"], window)  # (B, W, V)
+        total = total + token_stats(logits, batch["labels"][:, window], n_bins=n_bins)
     model.train(was_training)
     return total
 

@@ -143,6 +143,30 @@ def load_model(
     return model
 
 
+def causal_logits(model: torch.nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                  window: slice | None = None, **kwargs) -> torch.Tensor:
+    """(B, W, V) logits of a causal LM at the positions ``window`` (a slice of T; None: all, W = T).
+
+    The body runs on every position; the output head only on the window (transformers'
+    ``logits_to_keep``), which is where a loss on response tokens needs it
+    (:func:`lmdistill.losses.trained_window`). `model` may be wrapped (DDP): it is called as is;
+    `kwargs` go to its forward (e.g. a KV cache).
+    """
+    return model(input_ids=input_ids, attention_mask=attention_mask, **logits_to_keep(window, input_ids),
+                 **kwargs).logits
+
+
+def logits_to_keep(window: slice | None, input_ids: torch.Tensor) -> dict:
+    """The forward keyword that computes logits at the positions `window` of (B, T) `input_ids` only
+    (empty for all of them)."""
+    T = input_ids.shape[1]
+    start, stop, _ = (window or slice(None)).indices(T)
+    if (start, stop) == (0, T):
+        return {}
+    # An int keeps the last n positions (0 would mean all); an index tensor any others.
+    return {"logits_to_keep": T - start if stop == T else torch.arange(start, stop, device=input_ids.device)}
+
+
 def save_model(model: PreTrainedModel, tokenizer: PreTrainedTokenizerFast, directory: Path,
                state_dict: dict[str, torch.Tensor] | None = None) -> None:
     """Save as a plain Hugging Face directory (safetensors + config + tokenizer), atomically.

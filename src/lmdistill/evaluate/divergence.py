@@ -14,7 +14,8 @@ import torch
 from torch import Tensor
 
 from lmdistill.data.tokenize import Encoded, collate
-from lmdistill.losses import TopK, fkl, prediction_mask, rkl
+from lmdistill.losses import TopK, fkl, prediction_mask, rkl, trained_window
+from lmdistill.models import causal_logits
 from lmdistill.teachers.base import Capability, Teacher
 
 MAX_K = 64
@@ -67,15 +68,16 @@ def teacher_divergences(
     for i in range(0, len(examples), batch_size):
         batch = {key: v.to(device) for key, v in collate(examples[i : i + batch_size], pad_id).items()}
         ids, am = batch["input_ids"], batch["attention_mask"]
-        student = model(input_ids=ids, attention_mask=am).logits  # (B, T, V)
+        window = trained_window(batch["labels"])
+        student = causal_logits(model, ids, am, window)  # (B, W, V)
         if full:
-            signal = teacher.logits(ids, am)  # (B, T, V')
+            signal = teacher.logits(ids, am, window)  # (B, W, V')
             # A head padded past the shared vocabulary (Qwen-style) is cut to the teacher's width.
             student = student[..., : signal.shape[-1]]
         else:
-            signal = teacher.topk(ids, am, k)  # (B, T, k)
+            signal = teacher.topk(ids, am, k, window)  # (B, W, k)
             support = f"top-{k} + {'tail samples' if signal.sampled else 'tail'}"
-        for name, v in divergence_sums(student, signal, batch["labels"]).items():
+        for name, v in divergence_sums(student, signal, batch["labels"][:, window]).items():
             sums[name] = sums.get(name, 0.0) + v
     model.train(was_training)
     out: dict = {"support": support}

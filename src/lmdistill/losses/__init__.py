@@ -4,7 +4,8 @@
   each ``fn(student_logits, teacher, mask, *, temperature=1.0, per_token=False, reduction="mean", **params)``
   with a dense (B, T, V) teacher or a ``TopK`` one; registry ``LOSSES``.
 - ``chunked_divergence``: the same from the student's hidden states and head, chunk by chunk.
-- Sequence pieces: ``token_logprobs``, ``sequence_logprobs``, ``prediction_mask``, ``response_ce_sum``; preference losses ``dpkd``,
+- Sequence pieces: ``token_logprobs``, ``sequence_logprobs``, ``prediction_mask``, ``trained_window``,
+  ``response_ce_sum``; preference losses ``dpkd``,
   ``dpo``, ``ipo``, ``cpo``, ``simpo`` returning ``(loss, metrics)``, the same behind one signature in
   the registry ``PREFERENCE_FORMS`` (``NEEDS_REFERENCE``: the forms that take reference log-probs).
 - ``score_function_rkl``: the score-function estimator of the sequence reverse KL from sampled-token
@@ -32,7 +33,7 @@ from .divergences import (
 from .hidden import HIDDEN_DISTANCES, cosine_distance, hidden_state_distance, mse_distance
 from .preference import NEEDS_REFERENCE, PREFERENCE_FORMS, PreferenceForm, cpo, dpkd, dpo, ipo, simpo
 from .score_function import leave_one_out_baseline, score_function_rkl
-from .sequence import prediction_mask, response_ce_sum, sequence_logprobs, token_logprobs
+from .sequence import prediction_mask, response_ce_sum, sequence_logprobs, token_logprobs, trained_window
 
 __all__ = [
     "HIDDEN_DISTANCES",
@@ -60,6 +61,7 @@ __all__ = [
     "masked_reduce",
     "mse_distance",
     "prediction_mask",
+    "trained_window",
     "response_ce_sum",
     "rkl",
     "score_function_rkl",

@@ -94,6 +94,21 @@ def prediction_mask(labels: Tensor, *, ignore_index: int = -100) -> Tensor:
     return mask
 
 
+def trained_window(labels: Tensor, *, ignore_index: int = -100) -> slice:
+    """The positions of (B, T) `labels` whose logits a loss on them needs, as one slice of T.
+
+    From the position before the first column holding a trained label to the last such column
+    (position t predicts labels[:, t + 1]). Logits at ``window`` with ``labels[:, window]`` give every
+    loss on the rows exactly what the whole (B, T) rows give, at (hi − lo)/T of the output head's
+    cost: prompt and trailing padding columns are cut (one wasted position, the window's last). With
+    no trained label anywhere it is the whole row.
+    """
+    cols = (labels != ignore_index).any(0).nonzero()
+    if len(cols) == 0:
+        return slice(0, labels.shape[1])
+    return slice(max(int(cols[0]) - 1, 0), int(cols[-1]) + 1)
+
+
 def response_ce_sum(logits: Tensor, labels: Tensor, *, ignore_index: int = -100) -> Tensor:
     """Cross-entropy summed over trained tokens (scalar, float32). logits (B, T, V), labels (B, T).
 

@@ -69,7 +69,8 @@ class RunContext:
     tokenizer: PreTrainedTokenizerBase
     accelerator: Accelerator
     flops: FlopMeter = field(default_factory=FlopMeter)
-    """The run's compute, counted by hooks on every model (lmdistill.flops); methods never count by hand."""
+    """The run's compute, counted by hooks on every model (lmdistill.flops); methods count by hand only what
+    runs outside a model's forward (the chunked loss's head)."""
     step: int = 0
     teacher: Teacher | None = None
     model: torch.nn.Module | None = None

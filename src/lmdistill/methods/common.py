@@ -8,27 +8,37 @@ from transformers import LogitsProcessorList, PreTrainedModel
 
 from lmdistill.data.tokenize import IGNORE_INDEX, Encoded, collate
 from lmdistill.generation import sample_ids
-from lmdistill.losses import TopK
+from lmdistill.losses import TopK, trained_window
 from lmdistill.methods.base import Batch, RunContext
+from lmdistill.models import causal_logits
 from lmdistill.teachers import Capability
 
 
-def student_logits(model: PreTrainedModel, batch: Batch, prefix: str = "") -> torch.Tensor:
-    """(B, T, V) logits of the student on `batch` (keys `input_ids`, `attention_mask`, optionally prefixed)."""
-    return model(input_ids=batch[prefix + "input_ids"], attention_mask=batch[prefix + "attention_mask"]).logits
+def trained(batch: Batch, prefix: str = "") -> tuple[slice, torch.Tensor]:
+    """The window of positions a loss on the batch's (prefixed) `labels` needs (:func:`trained_window`) and
+    those labels cut to it, (B, W): pass the window to :func:`student_logits` and :func:`teacher_signal`."""
+    labels = batch[prefix + "labels"]
+    window = trained_window(labels)
+    return window, labels[:, window]
+
+
+def student_logits(model: PreTrainedModel, batch: Batch, prefix: str = "", window: slice | None = None) -> torch.Tensor:
+    """(B, W, V) logits of the student on `batch` (keys `input_ids`, `attention_mask`, optionally prefixed)
+    at the positions `window` (None: all, W = T); the output head runs on those only."""
+    return causal_logits(model, batch[prefix + "input_ids"], batch[prefix + "attention_mask"], window)
 
 
 @torch.no_grad()
-def teacher_signal(ctx: RunContext, batch: Batch, prefix: str = "") -> torch.Tensor | TopK:
-    """The teacher on `batch`: full logits (B, T, V), or TopK (B, T, k) when `teacher.k` > 0 or the
-    backend gives no more (its own k, a cache's, else 64)."""
+def teacher_signal(ctx: RunContext, batch: Batch, prefix: str = "", window: slice | None = None) -> torch.Tensor | TopK:
+    """The teacher on `batch` at the positions `window` (None: all): full logits (B, W, V), or TopK (B, W, k)
+    when `teacher.k` > 0 or the backend gives no more (its own k, a cache's, else 64)."""
     teacher = ctx.teacher
     assert teacher is not None
     ids, am = batch[prefix + "input_ids"], batch[prefix + "attention_mask"]
     k = ctx.cfg.teacher.k
     if teacher.capability >= Capability.FULL and k <= 0:
-        return teacher.logits(ids, am)
-    return teacher.topk(ids, am, k if k > 0 else teacher.k or 64)
+        return teacher.logits(ids, am, window)
+    return teacher.topk(ids, am, k if k > 0 else teacher.k or 64, window)
 
 
 def prompt_lengths(labels: torch.Tensor, attention_mask: torch.Tensor) -> list[int]:

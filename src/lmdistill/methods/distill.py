@@ -7,6 +7,7 @@ from dataclasses import dataclass
 import torch
 
 from lmdistill.config import MethodConfig
+from lmdistill.flops import head_parameters
 from lmdistill.losses import (
     LOSSES,
     TopK,
@@ -17,7 +18,7 @@ from lmdistill.losses import (
     token_logprobs,
 )
 from lmdistill.methods.base import Batch, Loss, Method, Term, register, term_units
-from lmdistill.methods.common import sample_responses, student_logits, teacher_signal, with_prefix
+from lmdistill.methods.common import sample_responses, student_logits, teacher_signal, trained, with_prefix
 from lmdistill.teachers import Capability, Needs
 
 
@@ -59,12 +60,17 @@ class KDConfig(MethodConfig):
 
 def token_distill_terms(cfg: KDConfig, logits: torch.Tensor, teacher: torch.Tensor | TopK, labels: torch.Tensor,
                         per: str = "labels") -> dict[str, Term]:
-    """(1 − α)·CE + α·divergence over the trained tokens of one batch, as terms (`per`: the labels' key)."""
+    """(1 − α)·CE + α·divergence over the trained tokens of one batch, as terms (`per`: the labels' key).
+    At α = 1 no cross-entropy is computed (nor logged): it would cost a float32 pass over the logits and its
+    backward for a term of weight 0."""
     div = LOSSES[cfg.divergence](
         logits, teacher, prediction_mask(labels), temperature=cfg.temperature, reduction="sum",
         **divergence_params(cfg.divergence, beta=cfg.beta, skew=cfg.skew, mu=cfg.mu),
     )
-    return {cfg.divergence: Term(div, per, cfg.alpha), "ce": Term(response_ce_sum(logits, labels), per, 1 - cfg.alpha)}
+    terms = {cfg.divergence: Term(div, per, cfg.alpha)}
+    if cfg.alpha < 1:
+        terms["ce"] = Term(response_ce_sum(logits, labels), per, 1 - cfg.alpha)
+    return terms
 
 
 @register
@@ -76,20 +82,25 @@ class KD(Method):
     needs = Needs(Capability.TOPK)
 
     def loss(self, model, batch: Batch) -> Loss:
-        teacher = teacher_signal(self.ctx, batch)
+        window, labels = trained(batch)
+        teacher = teacher_signal(self.ctx, batch, window=window)
         if self.cfg.chunked:
-            return self._chunked_loss(model, batch, teacher), {}
-        return token_distill_terms(self.cfg, student_logits(model, batch), teacher, batch["labels"]), {}
+            return self._chunked_loss(model, batch, window, labels, teacher), {}
+        return token_distill_terms(self.cfg, student_logits(model, batch, window=window), teacher, labels), {}
 
-    def _chunked_loss(self, model, batch: Batch, teacher: torch.Tensor | TopK) -> dict[str, Term]:
+    def _chunked_loss(self, model, batch: Batch, window: slice, labels: torch.Tensor,
+                      teacher: torch.Tensor | TopK) -> dict[str, Term]:
         cfg = self.cfg
         # Through the (possibly DDP-wrapped) model, keeping the logits of one position only.
         out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], output_hidden_states=True,
                     logits_to_keep=torch.zeros(1, dtype=torch.long, device=batch["input_ids"].device))
         head = self.ctx.accelerator.unwrap_model(model).get_output_embeddings()
-        mask = prediction_mask(batch["labels"])
+        mask = prediction_mask(labels)
+        # The head runs here, outside the metered forward, on the masked positions only.
+        self.ctx.flops.add("train", 6.0 * head_parameters(head), mask.sum())
         div = chunked_divergence(
-            out.hidden_states[-1], head.weight, head.bias, teacher, mask, name=cfg.divergence, reduction="sum",
+            out.hidden_states[-1][:, window], head.weight, head.bias, teacher, mask,
+            name=cfg.divergence, reduction="sum",
             temperature=cfg.temperature, chunk_size=cfg.chunk_size or None,
             **divergence_params(cfg.divergence, beta=cfg.beta, skew=cfg.skew, mu=cfg.mu),
         )
@@ -191,8 +202,8 @@ class FeedbackKL(Method):
         return with_prefix(batch, sample, "sample_")
 
     def loss(self, model, batch: Batch) -> Loss:
-        logits = student_logits(model, batch)
-        ce = response_ce_sum(logits, batch["labels"])
+        window, labels = trained(batch)
+        ce = response_ce_sum(student_logits(model, batch, window=window), labels)
         with torch.no_grad():
             teacher_lp = self.ctx.teacher.score(batch["input_ids"], batch["attention_mask"])
             teacher_ce = -(teacher_lp * (batch["labels"] != -100)).sum()
@@ -203,11 +214,11 @@ class FeedbackKL(Method):
 
     def _on_policy_rkl(self, model, batch: Batch) -> torch.Tensor:
         """Reverse KL along the student's samples, summed over their tokens (exact, or by the score function)."""
-        logits = student_logits(model, batch, "sample_")
-        labels = batch["sample_labels"]
+        window, labels = trained(batch, "sample_")
+        logits = student_logits(model, batch, "sample_", window)
         if self._exact():
-            teacher = teacher_signal(self.ctx, batch, "sample_")
+            teacher = teacher_signal(self.ctx, batch, "sample_", window)
             return LOSSES["rkl"](logits, teacher, prediction_mask(labels), reduction="sum")
         with torch.no_grad():
-            q = self.ctx.teacher.score(batch["sample_input_ids"], batch["sample_attention_mask"])
+            q = self.ctx.teacher.score(batch["sample_input_ids"], batch["sample_attention_mask"])[:, window]
         return score_function_rkl(token_logprobs(logits, labels), q, labels != -100)[0]

@@ -32,7 +32,7 @@ from lmdistill.data import encode_rows, load_rows
 from lmdistill.data.tokenize import Encoded, collate
 from lmdistill.heldout import ce_sums
 from lmdistill.methods.base import Batch, Loss, Method, register
-from lmdistill.methods.common import prompt_lengths, sample_responses, student_logits, teacher_signal
+from lmdistill.methods.common import prompt_lengths, sample_responses, student_logits, teacher_signal, trained
 from lmdistill.methods.distill import KDConfig, token_distill_terms
 from lmdistill.teachers import Capability, Needs
 
@@ -212,8 +212,9 @@ class DistiLLM(Method):
         return out
 
     def loss(self, model, batch: Batch) -> Loss:
-        teacher = teacher_signal(self.ctx, batch)
-        terms = token_distill_terms(self.cfg, student_logits(model, batch), teacher, batch["labels"])
+        window, labels = trained(batch)
+        teacher = teacher_signal(self.ctx, batch, window=window)
+        terms = token_distill_terms(self.cfg, student_logits(model, batch, window=window), teacher, labels)
         metrics: dict[str, tuple[float, float]] = {}
         source = SOURCES[int(batch["distillm_source"])]
         metrics["sgo_prob"] = (self.schedule.prob, 1.0)

@@ -22,8 +22,9 @@ import torch
 from torch import nn
 
 from lmdistill.config import ConfigError, MethodConfig
-from lmdistill.losses import hidden_state_distance, prediction_mask, response_ce_sum
+from lmdistill.losses import hidden_state_distance, prediction_mask, response_ce_sum, trained_window
 from lmdistill.methods.base import Batch, Loss, Method, Term, register
+from lmdistill.models import logits_to_keep
 from lmdistill.teachers import Capability, Needs
 
 
@@ -127,12 +128,15 @@ class Hidden(Method):
 
     def loss(self, model, batch: Batch) -> Loss:
         ids, am, labels = batch["input_ids"], batch["attention_mask"], batch["labels"]
-        out = model(input_ids=ids, attention_mask=am, output_hidden_states=True)
+        window = trained_window(labels)
+        out = model(input_ids=ids, attention_mask=am, output_hidden_states=True, **logits_to_keep(window, ids))
         with torch.no_grad():
-            teacher_out = self.ctx.teacher.weights(input_ids=ids, attention_mask=am, output_hidden_states=True)
+            # Its logits are not used: keep one position's.
+            teacher_out = self.ctx.teacher.weights(input_ids=ids, attention_mask=am, output_hidden_states=True,
+                                                   logits_to_keep=1)
         teacher_hidden = teacher_out.hidden_states  # (L_T + 1) x (B, T, d_T)
         projected = self.ctx.modules["projection"]([out.hidden_states[s] for s, _ in self.layer_map])
         hidden = hidden_state_distance(projected, [teacher_hidden[t] for _, t in self.layer_map], prediction_mask(labels),
                                        distance=self.cfg.loss, reduction="sum")
         return {f"hidden_{self.cfg.loss}": Term(hidden, weight=self.cfg.weight),
-                "ce": Term(response_ce_sum(out.logits, labels), weight=self.cfg.ce_weight)}, {}
+                "ce": Term(response_ce_sum(out.logits, labels[:, window]), weight=self.cfg.ce_weight)}, {}

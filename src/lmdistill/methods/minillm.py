@@ -20,7 +20,7 @@ from lmdistill.config import MethodConfig
 from lmdistill.losses import response_ce_sum
 from lmdistill.losses.policy import minillm_loss, teacher_mixed_logprobs
 from lmdistill.methods.base import Batch, Loss, Method, Term, register
-from lmdistill.methods.common import prompt_lengths, sample_responses, student_logits, with_prefix
+from lmdistill.methods.common import prompt_lengths, sample_responses, student_logits, trained, with_prefix
 from lmdistill.teachers import Capability, Needs
 
 
@@ -70,7 +70,7 @@ class TeacherMixedSampling(LogitsProcessor):
             new = input_ids[:, -added:]
         positions = (self._mask.cumsum(-1) - 1).clamp(min=0)[:, -new.shape[1]:]
         out = self.teacher(input_ids=new, attention_mask=self._mask, position_ids=positions,
-                           past_key_values=self._cache, use_cache=True)
+                           past_key_values=self._cache, use_cache=True, logits_to_keep=1)
         self._cache = out.past_key_values
         self._seen = length
         logits = out.logits[:, -1]
@@ -162,12 +162,14 @@ class MiniLLM(Method):
         cfg = self.cfg
         terms: dict[str, Term] = {}
         if cfg.lm_weight > 0:
-            terms["ce"] = Term(response_ce_sum(student_logits(model, batch), batch["labels"]), weight=cfg.lm_weight)
-        logits = student_logits(model, batch, "sample_")
+            window, labels = trained(batch)
+            terms["ce"] = Term(response_ce_sum(student_logits(model, batch, window=window), labels), weight=cfg.lm_weight)
+        window, sample_labels = trained(batch, "sample_")
+        logits = student_logits(model, batch, "sample_", window)
         with torch.no_grad():
-            teacher = self.ctx.teacher.logits(batch["sample_input_ids"], batch["sample_attention_mask"])
+            teacher = self.ctx.teacher.logits(batch["sample_input_ids"], batch["sample_attention_mask"], window)
         rl, stats = minillm_loss(
-            logits, teacher, batch["sample_labels"], mix_alpha=cfg.mix_alpha, clip=cfg.clip,
+            logits, teacher, sample_labels, mix_alpha=cfg.mix_alpha, clip=cfg.clip,
             length_normalize=cfg.length_normalize, whiten_advantages=cfg.whiten,
             single_step_weight=cfg.single_step_weight, pg_weight=cfg.pg_weight,
         )  # fmt: skip

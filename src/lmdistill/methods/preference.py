@@ -12,7 +12,8 @@ from lmdistill.config import MethodConfig
 from lmdistill.losses import LOSSES, NEEDS_REFERENCE, PREFERENCE_FORMS, response_ce_sum, sequence_logprobs
 from lmdistill.methods.base import ROWS, Batch, Loss, Method, Term, register
 from lmdistill.methods.common import (outputs_from_state, outputs_state, sample_responses, student_logits,
-                                     teacher_outputs, with_prefix)
+                                     teacher_outputs, trained, with_prefix)
+from lmdistill.models import causal_logits
 from lmdistill.teachers import Capability, Needs
 
 FORMS = tuple(PREFERENCE_FORMS)
@@ -106,27 +107,32 @@ class DPKD(Method):
         """(B,) log p_ref(y|x) of the prefixed sequences: the teacher's, or the frozen initial student's (dpo)."""
         ids, am, labels = batch[prefix + "input_ids"], batch[prefix + "attention_mask"], batch[prefix + "labels"]
         if self.cfg.form == "dpo":
-            return sequence_logprobs(self._reference_model()(input_ids=ids, attention_mask=am).logits, labels)[0]
+            window, cut = trained(batch, prefix)
+            return sequence_logprobs(causal_logits(self._reference_model(), ids, am, window), cut)[0]
         return (self.ctx.teacher.score(ids, am) * (labels != -100)).sum(1)
 
     def loss(self, model, batch: Batch) -> Loss:
         cfg = self.cfg
         pairs = float(batch["input_ids"].shape[0])
         # One forward for data, chosen and rejected would need equal lengths; three are simpler.
-        ce = response_ce_sum(student_logits(model, batch), batch["labels"])
-        chosen_logits = student_logits(model, batch, "chosen_")
-        pol_w, len_w = sequence_logprobs(chosen_logits, batch["chosen_labels"])
-        pol_l, len_l = sequence_logprobs(student_logits(model, batch, "rejected_"), batch["rejected_labels"])
+        window, labels = trained(batch)
+        ce = response_ce_sum(student_logits(model, batch, window=window), labels)
+        chosen_window, chosen_labels = trained(batch, "chosen_")
+        chosen_logits = student_logits(model, batch, "chosen_", chosen_window)
+        pol_w, len_w = sequence_logprobs(chosen_logits, chosen_labels)
+        rejected_window, rejected_labels = trained(batch, "rejected_")
+        pol_l, len_l = sequence_logprobs(student_logits(model, batch, "rejected_", rejected_window), rejected_labels)
         # A full-logit teacher's forward on y_w serves both its log-probs and the first-token divergences.
         teacher_w = None
         if self.ctx.teacher is not None and self.ctx.teacher.capability >= Capability.FULL:
             with torch.no_grad():
-                teacher_w = self.ctx.teacher.logits(batch["chosen_input_ids"], batch["chosen_attention_mask"])
+                teacher_w = self.ctx.teacher.logits(batch["chosen_input_ids"], batch["chosen_attention_mask"],
+                                                    chosen_window)
         ref_w = ref_l = None
         if cfg.form in NEEDS_REFERENCE:
             with torch.no_grad():
                 if teacher_w is not None and cfg.form != "dpo":
-                    ref_w = sequence_logprobs(teacher_w, batch["chosen_labels"])[0]
+                    ref_w = sequence_logprobs(teacher_w, chosen_labels)[0]
                 else:
                     ref_w = self._reference_seq_logprobs(batch, "chosen_")
                 ref_l = self._reference_seq_logprobs(batch, "rejected_")
@@ -136,7 +142,7 @@ class DPKD(Method):
         terms = {"ce": Term(ce, weight=cfg.lm_weight), "pref_loss": Term(pref, ROWS)}
         metrics = {k: (float(v), pairs) for k, v in m.items()}
         if teacher_w is not None:
-            metrics.update(self._first_token_divergences(chosen_logits.detach(), teacher_w, batch["chosen_labels"]))
+            metrics.update(self._first_token_divergences(chosen_logits.detach(), teacher_w, chosen_labels))
         return terms, metrics
 
     @torch.no_grad()

@@ -10,7 +10,8 @@ from lmdistill.config import MethodConfig
 from lmdistill.data.rows import DataError
 from lmdistill.losses import LOSSES, TopK, prediction_mask, response_ce_sum
 from lmdistill.methods.base import Batch, Loss, Method, Term, missing_field, register
-from lmdistill.methods.common import outputs_from_state, outputs_state, student_logits, teacher_outputs, teacher_signal
+from lmdistill.methods.common import (outputs_from_state, outputs_state, student_logits, teacher_outputs, teacher_signal,
+                                     trained)
 from lmdistill.methods.distill import divergence_params
 from lmdistill.methods.sft import SFT
 from lmdistill.teachers import Capability, Needs
@@ -147,15 +148,16 @@ class Context(Method):
         return [{**r, "teacher_prompt": f"{r['context']}\n\n{r['prompt']}"} for r in rows]
 
     def loss(self, model, batch: Batch) -> Loss:
-        logits = student_logits(model, batch)
-        labels = batch["labels"]
+        window, labels = trained(batch)
+        logits = student_logits(model, batch, window=window)
         ce = response_ce_sum(logits, labels)
         if self.cfg.objective == "ce":
             return {"ce": Term(ce)}, {}
-        teacher = teacher_signal(self.ctx, batch, "teacher_")
+        t_window, teacher_labels = trained(batch, "teacher_")
+        teacher = teacher_signal(self.ctx, batch, "teacher_", t_window)
         # The same response tokens sit at different offsets in the two sequences: gather both sides'
         # predicting positions in order into one row (their counts agree row by row).
-        s_mask, t_mask = prediction_mask(labels), prediction_mask(batch["teacher_labels"])
+        s_mask, t_mask = prediction_mask(labels), prediction_mask(teacher_labels)
         s_sel = logits[s_mask].unsqueeze(0)  # (1, N, V)
         t_sel = (teacher[t_mask].unsqueeze(0) if isinstance(teacher, torch.Tensor)
                  else TopK(*(None if x is None else x.unsqueeze(0) for x in teacher.select(t_mask))))

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from lmdistill.losses import response_ce_sum
 from lmdistill.methods.base import Batch, Loss, Method, Term, register
+from lmdistill.methods.common import student_logits, trained
 
 
 @register
@@ -13,5 +14,5 @@ class SFT(Method):
     name = "sft"
 
     def loss(self, model, batch: Batch) -> Loss:
-        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-        return {"ce": Term(response_ce_sum(logits, batch["labels"]))}, {}
+        window, labels = trained(batch)
+        return {"ce": Term(response_ce_sum(student_logits(model, batch, window=window), labels))}, {}

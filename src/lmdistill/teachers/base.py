@@ -102,12 +102,13 @@ class Teacher:
         return CapabilityError(f"the {self.name} teacher gives {self.capability}, not {what} ({need}); "
                                f"use {HOW_TO_GET[need]}")
 
-    def logits(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        """(B, T, V) next-token logits at every position (FULL). input_ids, attention_mask (B, T)."""
+    def logits(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, window: slice | None = None) -> torch.Tensor:
+        """(B, W, V) next-token logits at the positions `window` (a slice of T; None: every position, W = T)
+        (FULL). input_ids, attention_mask (B, T)."""
         raise self._refuse(Capability.FULL, "full logits")
 
-    def topk(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, k: int) -> TopK:
-        """Top-k ids and log-probs (B, T, k) of the next token at every position (TOPK)."""
+    def topk(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, k: int, window: slice | None = None) -> TopK:
+        """Top-k ids and log-probs (B, W, k) of the next token at the positions `window` (None: all) (TOPK)."""
         raise self._refuse(Capability.TOPK, "top-k log-probs")
 
     def score(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:

@@ -11,6 +11,7 @@ from transformers import DynamicCache, PreTrainedModel, PreTrainedTokenizerBase
 from lmdistill.generation import generate
 from lmdistill.io import UserError
 from lmdistill.losses import TopK, token_logprobs
+from lmdistill.models import causal_logits
 from lmdistill.teachers.base import Capability, Teacher
 
 
@@ -61,16 +62,16 @@ class LocalTeacher(Teacher):
             raise ValueError(f"teacher logits have width {width}, below its vocabulary of {self.vocab_size} tokens")
 
     @torch.no_grad()
-    def logits(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    def logits(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, window: slice | None = None) -> torch.Tensor:
         if self.prefix_ids:
-            out = self._prefixed_logits(input_ids, attention_mask)
+            out = self._prefixed_logits(input_ids, attention_mask, window)
         else:
-            out = self.weights(input_ids=input_ids, attention_mask=attention_mask).logits
+            out = causal_logits(self.weights, input_ids, attention_mask, window)
         return out[..., : self.vocab_size]  # Qwen-style heads are padded past the tokenizer
 
-    def _prefixed_logits(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        """(B, T, V) logits of prefix + each row, at the rows' positions; the prefix's keys and values are
-        computed once and shared by every call (rows are right-padded, so positions continue after it)."""
+    def _prefixed_logits(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, window: slice | None) -> torch.Tensor:
+        """(B, W, V) logits of prefix + each row, at the rows' positions `window`; the prefix's keys and values
+        are computed once and shared by every call (rows are right-padded, so positions continue after it)."""
         device = input_ids.device
         if self._prefix_kv is None or self._prefix_kv[0][0].device != device:
             ids = torch.tensor([self.prefix_ids], device=device)
@@ -80,11 +81,11 @@ class LocalTeacher(Teacher):
         cache = DynamicCache([(k.expand(B, -1, -1, -1), v.expand(B, -1, -1, -1)) for k, v in self._prefix_kv],
                              config=self.weights.config)
         mask = torch.cat([attention_mask.new_ones(B, P), attention_mask], dim=1)
-        return self.weights(input_ids=input_ids, attention_mask=mask, past_key_values=cache, use_cache=True).logits
+        return causal_logits(self.weights, input_ids, mask, window, past_key_values=cache, use_cache=True)
 
     @torch.no_grad()
-    def topk(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, k: int) -> TopK:
-        logp = torch.log_softmax(self.logits(input_ids, attention_mask).float(), dim=-1)
+    def topk(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, k: int, window: slice | None = None) -> TopK:
+        logp = torch.log_softmax(self.logits(input_ids, attention_mask, window).float(), dim=-1)
         values, ids = logp.topk(k, dim=-1)
         return TopK(ids=ids, logprobs=values)
 

@@ -69,12 +69,12 @@ class MixtureTeacher(Teacher):
             )
 
     @torch.no_grad()
-    def logits(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        """(B, T, V) float32 log p_mix at every position (normalised: valid as logits)."""
+    def logits(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, window: slice | None = None) -> torch.Tensor:
+        """(B, W, V) float32 log p_mix at the positions `window` (None: every position; normalised: valid as logits)."""
         self._need(Capability.FULL, "full logits")
         out: torch.Tensor | None = None
         for log_w, member in zip(self._log_weights(), self.members):
-            logp = torch.log_softmax(member.logits(input_ids, attention_mask).float(), dim=-1) + log_w
+            logp = torch.log_softmax(member.logits(input_ids, attention_mask, window).float(), dim=-1) + log_w
             if out is not None and logp.shape != out.shape:
                 raise ValueError(f"mixture members give logits of shapes {tuple(out.shape)} and {tuple(logp.shape)}")
             out = logp if out is None else torch.logaddexp(out, logp)
@@ -82,19 +82,20 @@ class MixtureTeacher(Teacher):
         return out
 
     @torch.no_grad()
-    def topk(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, k: int) -> TopK:
-        """The k most likely next tokens of p_mix and their log-probs, (B, T, k) each, most likely first."""
+    def topk(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, k: int, window: slice | None = None) -> TopK:
+        """The k most likely next tokens of p_mix and their log-probs, (B, W, k) each, most likely first, at the
+        positions `window` (None: all)."""
         self._need(Capability.TOPK, "top-k log-probs")
         if self.capability >= Capability.FULL:
-            values, ids = self.logits(input_ids, attention_mask).topk(k, dim=-1)
+            values, ids = self.logits(input_ids, attention_mask, window).topk(k, dim=-1)
             return TopK(ids=ids, logprobs=values)
         # Candidates: the union of the members' top-k ids; a full member is read exactly at every candidate.
         signals: list[torch.Tensor | TopK] = []
         for member in self.members:
             if member.capability >= Capability.FULL:
-                signals.append(torch.log_softmax(member.logits(input_ids, attention_mask).float(), dim=-1))
+                signals.append(torch.log_softmax(member.logits(input_ids, attention_mask, window).float(), dim=-1))
             else:
-                top = member.topk(input_ids, attention_mask, k)
+                top = member.topk(input_ids, attention_mask, k, window)
                 signals.append(TopK(ids=top.ids.long(), logprobs=top.logprobs.float()))
         union = torch.cat([s.topk(k, dim=-1).indices if isinstance(s, torch.Tensor) else s.ids for s in signals], -1)
         mix: torch.Tensor | None = None  # (B, T, U) log p_mix at the candidates, duplicates included

@@ -167,8 +167,9 @@ class CachedTeacher(Teacher):
             where = attention_mask[b].nonzero().flatten()
             yield b, where, input_ids[b, where].tolist()
 
-    def topk(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, k: int) -> TopK:
-        """TopK ids and log-probs (B, T, k) at the rows' cached positions; filler elsewhere (masked by the loss).
+    def topk(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, k: int, window: slice | None = None) -> TopK:
+        """TopK ids and log-probs (B, W, k) at the rows' cached positions within `window` (None: all); filler
+        elsewhere (masked by the loss).
 
         input_ids, attention_mask: (B, T), any padding side. Raises :class:`CacheMiss` for a row not cached.
         """
@@ -188,6 +189,8 @@ class CachedTeacher(Teacher):
         out = TopK(ids=ids, logprobs=lps)
         if n:
             out = out._replace(tail_ids=tail_ids, tail_plogp=tail_plogp)
+        if window is not None:
+            out = out.select((slice(None), window))
         return TopK(*(x.to(input_ids.device) if x is not None else None for x in out))
 
     def score(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
@@ -200,7 +203,7 @@ class CachedTeacher(Teacher):
             out[b, where[start + 1 : start + 1 + target.shape[0]]] = target
         return out.to(input_ids.device)
 
-    def logits(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    def logits(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, window: slice | None = None) -> torch.Tensor:
         raise CapabilityError(f"a top-k cache gives top-{self.k} log-probs, not full logits ({self.directory}); "
                               "use teacher.kind=local for methods that need them")
 

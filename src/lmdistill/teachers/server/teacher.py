@@ -104,7 +104,7 @@ class ServerTeacher(Teacher):
 
         return self.transport.map(one, list(prompts))
 
-    def logits(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    def logits(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, window: slice | None = None) -> torch.Tensor:
         raise CapabilityError(f"a served teacher gives at most top-k log-probs, not full logits ({self.base_url})")
 
     def score(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
@@ -115,8 +115,9 @@ class ServerTeacher(Teacher):
         """
         return self._scoring().score(input_ids, attention_mask)
 
-    def topk(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, k: int) -> TopK:
-        """Top-k ids and log-probs (B, T, k) of the next token at every position, as ``LocalTeacher.topk``.
+    def topk(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, k: int, window: slice | None = None) -> TopK:
+        """Top-k ids and log-probs (B, W, k) of the next token at the positions `window` (None: all), as
+        ``LocalTeacher.topk``.
 
         Row t is the server's top-k for the token after t (the last token's row comes from the one
         generated token). Rows the server did not give (padding, unscored positions, the last one
@@ -125,7 +126,8 @@ class ServerTeacher(Teacher):
         """
         if k < 1:
             raise ValueError(f"k must be >= 1, got {k}")
-        return self._scoring().topk(input_ids, attention_mask, k)
+        top = self._scoring().topk(input_ids, attention_mask, k)
+        return top if window is None else top.select((slice(None), window))
 
     def _scoring(self) -> Scorer:
         if self.tokenizer is None:
