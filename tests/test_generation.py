@@ -7,7 +7,7 @@ import torch
 from transformers import LogitsProcessor, LogitsProcessorList
 
 from lmdistill.config import ModelConfig
-from lmdistill.generation import decode_speed, generate_timed, sample_ids
+from lmdistill.generation import InverseCDFSampler, decode_speed, generate_timed, sample_ids, sampling_processors
 from lmdistill.models import load_model, load_tokenizer
 
 CHAR = ModelConfig(tokenizer="char", n_layer=2, n_embd=32, n_head=2, max_position=128)
@@ -130,3 +130,60 @@ def test_decode_speed_counts_exactly_new_tokens_per_prompt_even_where_eos_comes_
     assert speed == pytest.approx(3 * 7 / 2.0)
     with torch.no_grad():
         model.lm_head.weight.copy_(saved)
+
+
+# Upper 0.1 % points of the chi-square distribution: a correct sampler fails a test 1 time in 1000.
+CHI2_999 = {1: 10.83, 2: 13.82, 3: 16.27, 4: 18.47, 5: 20.52, 6: 22.46, 9: 27.88}
+
+
+def chi_square(counts: torch.Tensor, probs: torch.Tensor) -> float:
+    expected = probs * counts.sum()
+    return float(((counts - expected) ** 2 / expected).sum())
+
+
+def test_inverse_cdf_draws_from_the_softmax():
+    """20,000 draws of one row over 10 tokens: the counts fit softmax(scores) (chi-square, 9 df), and the
+    processor's output has its argmax at the drawn token and −inf elsewhere."""
+    scores = torch.tensor([[2.0, 1.0, 0.5, 0.0, -0.5, -1.0, 1.5, 0.2, -2.0, 0.8]])
+    torch.manual_seed(0)
+    draws = []
+    for _ in range(20000):
+        out = InverseCDFSampler()(torch.zeros(1, 1, dtype=torch.long), scores)
+        assert torch.isfinite(out).sum() == 1
+        draws.append(int(out.argmax()))
+    counts = torch.bincount(torch.tensor(draws), minlength=10).double()
+    assert chi_square(counts, scores.softmax(-1)[0].double()) < CHI2_999[9]
+    # The same test rejects a sampler that is slightly off (temperature 1.1 instead of 1).
+    assert chi_square(counts, (scores / 1.1).softmax(-1)[0].double()) > CHI2_999[9]
+
+
+def test_top_p_and_temperature_match_the_warped_distribution():
+    """With top_p=0.8 and temperature 1.5 only the nucleus is drawn, in proportion to its renormalised mass."""
+    scores = torch.tensor([[3.0, 2.5, 2.0, 1.0, 0.0, -1.0, -3.0]]).repeat(4000, 1)  # 4000 rows, one call
+    torch.manual_seed(1)
+    picks = sampling_processors(1.5, 0.8)(torch.zeros(4000, 1, dtype=torch.long), scores).argmax(-1)
+    p = (scores[0] / 1.5).softmax(-1).double()
+    order = p.argsort(descending=True)
+    keep = order[: int((p[order].cumsum(0) < 0.8).sum()) + 1]  # the smallest set with mass >= 0.8
+    nucleus = torch.zeros_like(p)
+    nucleus[keep] = p[keep] / p[keep].sum()
+    counts = torch.bincount(picks, minlength=7).double()
+    assert 3 <= len(keep) < 7
+    assert counts[nucleus == 0].sum() == 0
+    assert chi_square(counts[keep], nucleus[keep]) < CHI2_999[len(keep) - 1]
+
+
+def test_sampled_first_tokens_follow_the_model(model_and_tokenizer):
+    """sample_ids end to end: the first sampled token of 3000 copies of one prompt fits the model's own
+    next-token distribution at temperature 1.3 over its 5 likeliest tokens (the rest pooled)."""
+    model, tok = model_and_tokenizer
+    prompt = _ids(tok, "Hi")
+    with torch.no_grad():
+        p = (model(input_ids=torch.tensor([prompt])).logits[0, -1] / 1.3).softmax(-1).double()
+    torch.manual_seed(2)
+    first = torch.tensor([s[0] for s in sample_ids(model, [prompt] * 3000, pad_id=tok.pad_token_id, eos_id=-1,
+                                                    max_new_tokens=1, temperature=1.3)])
+    top = p.argsort(descending=True)[:4]
+    probs = torch.cat([p[top], 1 - p[top].sum(0, keepdim=True)])
+    counts = torch.stack([(first == t).sum() for t in top] + [(~torch.isin(first, top)).sum()]).double()
+    assert chi_square(counts, probs) < CHI2_999[4]

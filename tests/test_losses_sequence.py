@@ -7,7 +7,8 @@ import math
 import pytest
 import torch
 
-from lmdistill.losses import cpo, dpkd, dpo, ipo, sequence_logprobs, simpo, token_logprobs
+from lmdistill.losses import (cpo, dpkd, dpo, ipo, response_ce_sum, sequence_logprobs, simpo, token_logprobs,
+                              trained_window)
 from lmdistill.losses import sequence as sequence_module
 
 IGNORE = -100
@@ -146,3 +147,23 @@ def test_preference_losses_average_over_the_batch_and_upcast():
     assert loss.dtype == torch.float32
     # pair 2: h = 0 − (−1) = 1 → log(1 + e^−0.1) = 0.644397; mean with 0.598139 = 0.621268
     assert loss.item() == pytest.approx((0.598139 + 0.644397) / 2, abs=1e-5)
+
+
+def test_trained_window_holds_every_trained_prediction_and_cuts_the_rest():
+    """The window runs from the column before the first trained label to the last trained one; every loss
+    on labels[:, window] with logits at the window equals the whole rows' (CE here, float64)."""
+    labels = torch.tensor([[-100, -100, -100, 4, 5, -100, -100, -100],
+                           [-100, -100, -100, -100, -100, 6, 7, -100]])
+    assert trained_window(labels) == slice(2, 7)
+    assert trained_window(torch.full((2, 5), -100)) == slice(0, 5)
+    assert trained_window(torch.tensor([[3, 4, -100]])) == slice(0, 2)  # column 0 trained: nothing before it
+    torch.manual_seed(0)
+    logits = torch.randn(2, 8, 11, dtype=torch.float64, requires_grad=True)
+    w = trained_window(labels)
+    full = response_ce_sum(logits, labels)
+    cut = response_ce_sum(logits[:, w], labels[:, w])
+    torch.testing.assert_close(cut, full)
+    (g_full,) = torch.autograd.grad(full, logits)
+    (g_cut,) = torch.autograd.grad(cut, logits)
+    torch.testing.assert_close(g_cut, g_full)
+    assert g_full[:, : w.start].abs().sum() == 0 and g_full[:, w.stop :].abs().sum() == 0

@@ -2,8 +2,11 @@
 
 Prompts are left-padded (:func:`~lmdistill.data.tokenize.collate_prompts`) and decoded with a KV
 cache in eval mode; the model's train/eval mode is restored afterwards. Sampling draws from the
-global torch generator (seed it for reproducible samples) with ``top_k=0``, so that only
-`temperature` and `top_p` shape the distribution.
+global torch generator (seed it for reproducible samples); only `temperature` and `top_p` shape the
+distribution. A token is drawn by inverse CDF (:class:`InverseCDFSampler`: one uniform per row against
+the cumulative sum of the probabilities), which is exact and about 25x cheaper on a CPU than
+``torch.multinomial``, whose exponential noise over the whole vocabulary was most of an on-policy
+step's sampling time (49,152 tokens for SmolLM2).
 
 - :func:`sample_ids`: token ids in, token ids out (what the training methods sample);
 - :func:`generate_timed` / :func:`generate`: strings in, strings out, rendered as in training
@@ -18,7 +21,14 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
-from transformers import LogitsProcessorList, PreTrainedModel, PreTrainedTokenizerBase
+from transformers import (
+    LogitsProcessor,
+    LogitsProcessorList,
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
+    TemperatureLogitsWarper,
+    TopPLogitsWarper,
+)
 
 from lmdistill.data.tokenize import collate_prompts, render_prompt
 
@@ -40,6 +50,35 @@ class Generations:
         return n / self.seconds if self.seconds > 0 else math.nan
 
 
+class InverseCDFSampler(LogitsProcessor):
+    """Draws each row's next token from softmax(scores) and returns scores whose argmax is that token
+    (0 there, −inf elsewhere), so that greedy decoding with this processor last samples exactly.
+
+    Inverse CDF: token i is drawn when u·Σp falls in [c_{i−1}, c_i) of the float64 cumulative sum c of the
+    probabilities, u ~ U[0, 1) from the global torch generator; tokens of probability 0 (filtered by
+    top-p, or −inf scores) are never drawn. Scores (B, V) in, (B, V) out.
+    """
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
+        probs = torch.softmax(scores.float(), dim=-1).double()
+        cdf = probs.cumsum(-1)  # (B, V)
+        u = torch.rand(scores.shape[0], 1, dtype=torch.float64, device=scores.device) * cdf[:, -1:]
+        # side="right": the first c_i > u, so a zero-probability token (c_i = c_{i-1}) is never chosen.
+        pick = torch.searchsorted(cdf, u, right=True).clamp(max=scores.shape[-1] - 1)  # (B, 1)
+        return torch.full_like(scores, -math.inf).scatter_(-1, pick, 0.0)
+
+
+def sampling_processors(temperature: float, top_p: float) -> LogitsProcessorList:
+    """Temperature, nucleus filtering and the exact draw (:class:`InverseCDFSampler`), for greedy `generate`."""
+    out = LogitsProcessorList()
+    if temperature != 1.0:
+        out.append(TemperatureLogitsWarper(temperature))
+    if top_p < 1.0:
+        out.append(TopPLogitsWarper(top_p))
+    out.append(InverseCDFSampler())
+    return out
+
+
 def _decode_batch(
     model: PreTrainedModel,
     prompts: Sequence[Sequence[int]],
@@ -53,17 +92,22 @@ def _decode_batch(
     logits_processor: LogitsProcessorList | None = None,
 ) -> torch.Tensor:
     """(B, <= max_new_tokens) new tokens after the left-padded `prompts`; rows that stopped early are
-    padded with `pad_id` after their EOS. The caller sets eval mode and no_grad."""
+    padded with `pad_id` after their EOS. The caller sets eval mode and no_grad.
+
+    Sampling runs as greedy decoding whose last processors draw the token (:func:`sampling_processors`),
+    after `logits_processor`."""
     device = next(model.parameters()).device
     batch = {k: v.to(device) for k, v in collate_prompts(prompts, pad_id).items()}
-    sampling = dict(do_sample=True, temperature=temperature, top_p=top_p, top_k=0) if do_sample else dict(do_sample=False)
+    processors = LogitsProcessorList(logits_processor or [])
+    if do_sample:
+        processors.extend(sampling_processors(temperature, top_p))
     seqs = model.generate(
         **batch,
-        **sampling,
+        do_sample=False,
         max_new_tokens=max_new_tokens,
         pad_token_id=pad_id,
         eos_token_id=eos_id,
-        **({"logits_processor": logits_processor} if logits_processor is not None else {}),
+        **({"logits_processor": processors} if processors else {}),
     )
     return seqs[:, batch["input_ids"].shape[1] :]
 
