@@ -153,7 +153,7 @@ def _compute_shard(teacher: Teacher, rows: list[_Row], k: int, pad_id: int, batc
         else:
             top_lp, top_ids = logp.topk(k, dim=-1)  # (N_b, k), best first
         log_tail = logp.scatter(-1, top_ids, -math.inf).logsumexp(-1)  # (N_b,): exact, not 1 − Σ rounded
-        nxt = torch.roll(ids, -1, dims=1)[mask]  # (N_b,) the token each position predicts
+        nxt = torch.roll(ids, -1, dims=1)[:, window][mask]  # (N_b,) the token each position predicts
         target = logp.gather(-1, nxt.unsqueeze(-1)).squeeze(-1)
         counts = mask.sum(1).tolist()
         parts = [t.split(counts) for t in (top_ids.cpu(), top_lp.cpu(), log_tail.cpu(), target.cpu(),
