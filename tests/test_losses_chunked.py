@@ -1,4 +1,5 @@
-"""The chunked fused path equals the dense path in value and gradient, and keeps no (B, T, V) tensor."""
+"""The chunked fused path equals the dense path in value and gradient, with and without the data
+cross-entropy, and keeps no (B, T, V) tensor."""
 
 from __future__ import annotations
 
@@ -6,7 +7,15 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from lmdistill.losses import LOSSES, TopK, chunked_divergence
+from lmdistill.losses import (
+    LOSSES,
+    TopK,
+    chunked_divergence,
+    chunked_divergence_and_ce,
+    prediction_mask,
+    response_ce_sum,
+    sample_tail,
+)
 from lmdistill.losses.chunked import default_chunk_size
 
 NAMES = sorted(LOSSES)
@@ -48,12 +57,25 @@ def test_chunked_equals_dense(name, chunk_size, recompute):
         torch.testing.assert_close(c, d, rtol=1e-10, atol=1e-12)
 
 
+def topk_teacher(teacher: torch.Tensor, k: int = 3, tail: int = 0) -> TopK:
+    """The (B, T, k) top-k of teacher logits (B, T, V), with `tail` systematic tail samples per position (seeded)."""
+    b, t, v = teacher.shape
+    logp = teacher.log_softmax(-1)
+    if not tail:
+        top = logp.topk(k, dim=-1)
+        return TopK(top.indices, top.values)
+    s = sample_tail(logp.reshape(-1, v), k, tail, torch.Generator().manual_seed(1))
+    return TopK(s.ids.view(b, t, k), s.logprobs.view(b, t, k).to(teacher.dtype), s.tail_ids.view(b, t, tail),
+                s.tail_plogp.view(b, t).to(teacher.dtype))
+
+
+@pytest.mark.parametrize("tail", [0, 4])
 @pytest.mark.parametrize("recompute", [False, True])
 @pytest.mark.parametrize("name", NAMES)
-def test_chunked_equals_dense_with_topk_teacher_and_no_bias(name, recompute):
+def test_chunked_equals_dense_with_topk_teacher_and_no_bias(name, recompute, tail):
+    """A top-3 teacher, with 4 tail samples (which fkl uses, the others ignore, as in the dense path) or none."""
     hidden, weight, _, teacher, mask = make()
-    top = teacher.log_softmax(-1).topk(3, dim=-1)
-    teacher_k = TopK(top.indices, top.values)
+    teacher_k = topk_teacher(teacher, tail=tail)
     dense = value_and_grads(LOSSES[name](F.linear(hidden, weight), teacher_k, mask), hidden, weight)
     chunked = value_and_grads(
         chunked_divergence(hidden, weight, None, teacher_k, mask, name=name, chunk_size=3, recompute=recompute), hidden, weight
@@ -162,6 +184,152 @@ def test_chunked_keeps_no_student_logits(recompute):
 
     assert sizes_saved(lambda: chunked_divergence(hidden, weight, bias, teacher, mask, chunk_size=4, recompute=recompute)) == []
     assert len(sizes_saved(lambda: LOSSES["fkl"](F.linear(hidden, weight, bias), teacher, mask))) >= 2
+
+
+# --------------------------------------------------------------------------- with the data cross-entropy
+
+
+def make_labeled(b: int = 3, t: int = 6, h: int = 4, v: int = 7, *, seed: int = 0):
+    """hidden, weight, bias, teacher as `make`; labels (B, T) with -100 on an uneven prompt and padding per row
+    (row 0: prompt 1, padding 2; row 1: prompt 3; row 2: prompt 2, padding 1), the mask of the positions that
+    predict a trained label (`prediction_mask`, N = 3 + 2 + 3 = 8 of 18) and their targets labels[:, t + 1]."""
+    hidden, weight, bias, teacher, _ = make(b, t, h, v, seed=seed)
+    g = torch.Generator().manual_seed(seed + 1)
+    labels = torch.randint(0, v, (b, t), generator=g)
+    for row, (prompt, pad) in enumerate([(1, 2), (3, 0), (2, 1)]):
+        labels[row, :prompt] = -100
+        labels[row, t - pad:] = -100
+    mask = prediction_mask(labels)
+    return hidden, weight, bias, teacher, labels, mask, labels.roll(-1, dims=1)
+
+
+def dense_ce_sum(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """response_ce_sum in the logits' own dtype (response_ce_sum computes in float32, even for float64 logits)."""
+    return F.cross_entropy(logits[:, :-1].flatten(0, 1), labels[:, 1:].flatten(), ignore_index=-100, reduction="sum")
+
+
+TEACHERS = ["dense", "dense-tau2", "topk", "topk-tail"]
+
+
+def teacher_of(kind: str, teacher: torch.Tensor):
+    """(teacher, temperature, whether the head has a bias) for one kind of teacher."""
+    if kind.startswith("dense"):
+        return teacher, (2.0 if kind == "dense-tau2" else 1.0), True
+    return topk_teacher(teacher, tail=4 if kind == "topk-tail" else 0), 1.0, False
+
+
+@pytest.mark.parametrize("reduction", ["sum", "mean"])
+@pytest.mark.parametrize("recompute", [False, True])
+@pytest.mark.parametrize("kind", TEACHERS)
+@pytest.mark.parametrize("name", NAMES)
+def test_chunked_with_ce_equals_dense(name, kind, recompute, reduction):
+    """α·D + (1 − α)·CE (α = 0.3) from one head projection per chunk equals the dense
+    α·LOSSES[name](logits, teacher) + (1 − α)·CE, in value (each term) and gradient w.r.t. hidden, weight
+    (and bias), float64; chunks of 3 split the 8 positions unevenly and across rows. The CE is at
+    temperature 1 whatever the divergence's τ, and its sum is response_ce_sum's."""
+    alpha = 0.3
+    hidden, weight, bias, teacher, labels, mask, targets = make_labeled()
+    teacher, tau, with_bias = teacher_of(kind, teacher)
+    bias = bias if with_bias else None
+    inputs = (hidden, weight) + ((bias,) if with_bias else ())
+    params = PARAMS.get(name, {})
+    logits = F.linear(hidden, weight, bias)
+    d_div = LOSSES[name](logits, teacher, mask, temperature=tau, reduction=reduction, **params)
+    d_ce = dense_ce_sum(logits, labels) / (mask.sum() if reduction == "mean" else 1)
+    c_div, c_ce = chunked_divergence_and_ce(hidden, weight, bias, teacher, mask, targets, ce_weight=1 - alpha, name=name,
+                                            chunk_size=3, temperature=tau, reduction=reduction, recompute=recompute,
+                                            **params)
+    torch.testing.assert_close(c_div.detach(), d_div.detach(), rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(c_ce.detach(), d_ce.detach(), rtol=1e-10, atol=1e-12)
+    if reduction == "sum":
+        torch.testing.assert_close(c_ce.detach().float(), response_ce_sum(logits, labels).detach(), rtol=1e-6, atol=0)
+    dense = value_and_grads(alpha * d_div + (1 - alpha) * d_ce, *inputs)
+    chunked = value_and_grads(alpha * c_div + (1 - alpha) * c_ce, *inputs)
+    for d, c in zip(dense, chunked):
+        torch.testing.assert_close(c, d, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("alpha", [0.0, 1.0])
+def test_chunked_with_ce_at_the_ends(alpha):
+    """ce_weight 1 (α = 0: the CE alone has a gradient) and 0 (α = 1), fused: the gradient of the weighted sum."""
+    hidden, weight, bias, teacher, labels, mask, targets = make_labeled()
+    logits = F.linear(hidden, weight, bias)
+    dense = value_and_grads(alpha * LOSSES["jsd"](logits, teacher, mask, reduction="sum")
+                            + (1 - alpha) * dense_ce_sum(logits, labels), hidden, weight, bias)
+    div, ce = chunked_divergence_and_ce(hidden, weight, bias, teacher, mask, targets, ce_weight=1 - alpha, name="jsd",
+                                        chunk_size=3, reduction="sum")
+    for d, c in zip(dense, value_and_grads(alpha * div + (1 - alpha) * ce, hidden, weight, bias)):
+        torch.testing.assert_close(c, d, rtol=1e-10, atol=1e-12)
+
+
+def test_chunked_with_ce_per_token_and_any_upstream_ratio():
+    """Per-token results, and recompute=True with upstream gradients in any ratio, equal the dense path; the
+    fused path, which kept the gradient of 0.7·D + 0.3·CE, refuses gradients in another ratio."""
+    hidden, weight, bias, teacher, labels, mask, targets = make_labeled()
+    logits = F.linear(hidden, weight, bias)
+    w_div, w_ce = torch.rand(mask.shape, dtype=torch.float64), torch.rand(mask.shape, dtype=torch.float64)
+    d_div = LOSSES["rkl"](logits, teacher, mask, per_token=True)
+    d_ce = torch.zeros_like(d_div)
+    d_ce[mask] = F.cross_entropy(logits[mask], targets[mask], reduction="none")
+    c_div, c_ce = chunked_divergence_and_ce(hidden, weight, bias, teacher, mask, targets, ce_weight=0.3, name="rkl",
+                                            chunk_size=3, per_token=True)
+    assert c_div.shape == c_ce.shape == mask.shape and (c_ce[~mask] == 0).all()
+    dense = value_and_grads((w_div * d_div).sum() + (w_ce * d_ce).sum(), hidden, weight, bias)
+    chunked = value_and_grads((w_div * c_div).sum() + (w_ce * c_ce).sum(), hidden, weight, bias)
+    for d, c in zip(dense, chunked):
+        torch.testing.assert_close(c, d, rtol=1e-10, atol=1e-12)
+
+    logits = F.linear(hidden, weight, bias)
+    d_div, d_ce = LOSSES["rkl"](logits, teacher, mask), dense_ce_sum(logits, labels) / mask.sum()
+    div, ce = chunked_divergence_and_ce(hidden, weight, bias, teacher, mask, targets, ce_weight=0.3, name="rkl",
+                                        recompute=True)
+    for d, c in zip(value_and_grads(2 * d_div + 5 * d_ce, hidden, weight, bias),
+                    value_and_grads(2 * div + 5 * ce, hidden, weight, bias)):
+        torch.testing.assert_close(c, d, rtol=1e-10, atol=1e-12)
+    div, ce = chunked_divergence_and_ce(hidden, weight, bias, teacher, mask, targets, ce_weight=0.3, name="rkl")
+    with pytest.raises(RuntimeError, match="not in that ratio"):
+        (2 * div + 5 * ce).backward()
+
+
+def test_chunked_with_ce_all_masked_under_no_grad_and_bad_targets():
+    hidden, weight, bias, teacher, labels, mask, targets = make_labeled()
+    none = torch.zeros_like(mask)
+    div, ce = chunked_divergence_and_ce(hidden, weight, bias, teacher, none, targets, ce_weight=0.5)
+    assert div.item() == ce.item() == 0.0
+    for grad in torch.autograd.grad(div + ce, (hidden, weight, bias)):
+        assert (grad == 0).all()
+    logits = F.linear(hidden, weight, bias)
+    with torch.no_grad():
+        div, ce = chunked_divergence_and_ce(hidden, weight, bias, teacher, mask, targets, ce_weight=0.5, reduction="sum")
+    assert not ce.requires_grad
+    torch.testing.assert_close(ce, dense_ce_sum(logits, labels).detach())
+    bad = targets.clone()
+    bad[mask.nonzero()[0].tolist()] = 7  # = V
+    with pytest.raises(ValueError, match="token ids"):
+        chunked_divergence_and_ce(hidden, weight, bias, teacher, mask, bad, ce_weight=0.5)
+    with pytest.raises(ValueError, match="targets must be int64"):
+        chunked_divergence_and_ce(hidden, weight, bias, teacher, mask, targets[:, :-1], ce_weight=0.5)
+    with pytest.raises(ValueError, match="ce_weight"):
+        chunked_divergence_and_ce(hidden, weight, bias, teacher, mask, targets, ce_weight=1.5)
+
+
+@pytest.mark.parametrize("recompute", [False, True])
+def test_chunked_with_ce_keeps_no_student_logits(recompute):
+    """As `test_chunked_keeps_no_student_logits`, with the CE computed from the same chunks."""
+    hidden, weight, bias, teacher, labels, mask, targets = make_labeled(4, 10, 4, 64)
+    big = int(mask.sum()) * 64
+    saved = []
+
+    def pack(x):
+        if x.numel() >= big and x.data_ptr() != teacher.data_ptr():
+            saved.append(tuple(x.shape))
+        return x
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda x: x):
+        div, ce = chunked_divergence_and_ce(hidden, weight, bias, teacher, mask, targets, ce_weight=0.5, chunk_size=4,
+                                            recompute=recompute)
+    (div + ce).backward()
+    assert saved == []
 
 
 def test_default_chunk_size():

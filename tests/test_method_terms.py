@@ -345,6 +345,8 @@ KD_CASES = {
                           lambda z, zt: divergence_sum("fkl", z, zt, tau=2.0), 0.7),
     "rkl-alpha0.6": ({"divergence": "rkl", "alpha": 0.6}, lambda z, zt: divergence_sum("rkl", z, zt), 0.6),
     "fkl-chunked": ({"divergence": "fkl", "chunked": True, "chunk_size": 7}, lambda z, zt: divergence_sum("fkl", z, zt), 1.0),
+    "fkl-chunked-alpha0.7-tau2": ({"divergence": "fkl", "alpha": 0.7, "temperature": 2.0, "chunked": True,
+                                   "chunk_size": 7}, lambda z, zt: divergence_sum("fkl", z, zt, tau=2.0), 0.7),
     "fkl-top5": ({"divergence": "fkl"}, lambda z, zt: topk_fkl_sum(z, zt, 5), 1.0),
 }
 
@@ -352,8 +354,9 @@ KD_CASES = {
 @pytest.mark.parametrize("label", list(KD_CASES))
 def test_kd_is_alpha_divergence_plus_rest_ce(label, data, tmp_path):
     """kd on the data: [α·Σ_trained D(s_t, q_t) + (1 − α)·Σ_trained −log s_t(y)] / n, with D as in
-    `divergence_sum` at temperature τ (both logits / τ, no τ² factor), the chunked path giving the
-    same, and a top-5 teacher (`teacher.k=5`) compared on its 5 ids plus a tail bucket."""
+    `divergence_sum` at temperature τ (both logits / τ, no τ² factor; the CE at τ = 1), the chunked path
+    giving the same (with and without the CE), and a top-5 teacher (`teacher.k=5`) compared on its 5 ids
+    plus a tail bucket."""
     options, div, alpha = KD_CASES[label]
     case = make_case(data, tmp_path, {"name": "kd", **options}, teacher_k=5 if label == "fkl-top5" else 0)
     batch = case.sequences()
@@ -364,6 +367,29 @@ def test_kd_is_alpha_divergence_plus_rest_ce(label, data, tmp_path):
     ce = -z.log_softmax(-1).gather(-1, y[:, None]).sum()
     ref = (alpha * div(z, zt) + (1 - alpha) * ce) / len(y)
     assert_pins(case, got, ref, case.sft_loss(batch))
+
+
+@pytest.mark.parametrize("divergence,k,tau", [("fkl", 0, 2.0), ("akl", 0, 1.0), ("rkl", 5, 1.0), ("srkl", 5, 1.0)])
+def test_kd_chunked_with_ce_equals_dense(divergence, k, tau, data, tmp_path):
+    """kd with α = 0.5 and chunked=true (the CE from the same chunks' logits, at temperature 1) returns the
+    dense path's terms (the divergence and "ce", same values, units and weights), and the loop's loss has
+    the same value and gradient; full and top-5 teachers, chunks of 7 positions."""
+    options = {"name": "kd", "divergence": divergence, "alpha": 0.5, "temperature": tau, "chunk_size": 7}
+    results = []
+    for chunked in (False, True):
+        case = make_case(data, tmp_path / str(chunked), {**options, "chunked": chunked}, teacher_k=k)
+        batch = case.sequences()
+        terms, _ = case.method.loss(case.student, batch)
+        loss = step_loss(terms, step_units([batch], accelerator()))
+        results.append((terms, loss.detach(), flat_grad(loss, case.params)))
+    (dense, dense_loss, dense_grad), (chunk, chunk_loss, chunk_grad) = results
+    assert list(chunk) == list(dense) == [divergence, "ce"]
+    for name in dense:
+        assert (chunk[name].per, chunk[name].weight) == (dense[name].per, dense[name].weight) == ("labels", 0.5)
+        torch.testing.assert_close(chunk[name].value.detach().double(), dense[name].value.detach().double(),
+                                   rtol=1e-6, atol=0)  # the dense CE is float32 (response_ce_sum)
+    torch.testing.assert_close(chunk_loss.double(), dense_loss.double(), rtol=1e-6, atol=0)
+    torch.testing.assert_close(chunk_grad, dense_grad, rtol=1e-5, atol=1e-5 * float(dense_grad.abs().max()))
 
 
 def test_akl_weighs_forward_and_reverse_kl_by_head_and_tail_gaps(data, tmp_path):

@@ -3,7 +3,8 @@
 - Token divergences (METHODS.md): ``fkl``, ``rkl``, ``jsd``, ``skl``, ``srkl``, ``tvd``, ``akl``,
   each ``fn(student_logits, teacher, mask, *, temperature=1.0, per_token=False, reduction="mean", **params)``
   with a dense (B, T, V) teacher or a ``TopK`` one; registry ``LOSSES``.
-- ``chunked_divergence``: the same from the student's hidden states and head, chunk by chunk.
+- ``chunked_divergence``: the same from the student's hidden states and head, chunk by chunk;
+  ``chunked_divergence_and_ce`` also the data cross-entropy from the same chunks' logits.
 - Sequence pieces: ``token_logprobs``, ``sequence_logprobs``, ``prediction_mask``, ``trained_window``,
   ``response_ce_sum``; preference losses ``dpkd``,
   ``dpo``, ``ipo``, ``cpo``, ``simpo`` returning ``(loss, metrics)``, the same behind one signature in
@@ -16,7 +17,7 @@
 """
 
 from ._common import TopK, log_distributions, masked_reduce, sample_tail
-from .chunked import chunked_divergence
+from .chunked import chunked_divergence, chunked_divergence_and_ce
 from .divergences import (
     KERNELS,
     LOSSES,
@@ -47,6 +48,7 @@ __all__ = [
     "akl",
     "akl_weights",
     "chunked_divergence",
+    "chunked_divergence_and_ce",
     "cosine_distance",
     "cpo",
     "divergence_from_logprobs",

@@ -12,6 +12,7 @@ from lmdistill.losses import (
     LOSSES,
     TopK,
     chunked_divergence,
+    chunked_divergence_and_ce,
     prediction_mask,
     response_ce_sum,
     score_function_rkl,
@@ -45,7 +46,8 @@ class KDConfig(MethodConfig):
     """akl's head mass."""
     chunked: bool = False
     """Fused head + divergence over chunks of positions (`losses.chunked_divergence`): no (B, T, V) student
-    logits are kept, for large vocabularies. Needs alpha = 1 (no cross-entropy term)."""
+    logits are kept, for large vocabularies. With alpha < 1 the cross-entropy comes from the same chunks'
+    logits (`losses.chunked_divergence_and_ce`). Same loss and gradients as chunked=false."""
     chunk_size: int = 0
     """Positions per chunk with chunked=true (0: max(64, 2**21 // V))."""
 
@@ -54,8 +56,6 @@ class KDConfig(MethodConfig):
             raise ValueError(f"method.divergence: unknown {self.divergence!r}; known: {', '.join(LOSSES)}")
         if not 0.0 <= self.alpha <= 1.0:
             raise ValueError(f"method.alpha must be in [0, 1], got {self.alpha}")
-        if self.chunked and self.alpha != 1.0:
-            raise ValueError("method.chunked=true computes no student logits, so no cross-entropy: set method.alpha=1")
 
 
 def token_distill_terms(cfg: KDConfig, logits: torch.Tensor, teacher: torch.Tensor | TopK, labels: torch.Tensor,
@@ -98,13 +98,16 @@ class KD(Method):
         mask = prediction_mask(labels)
         # The head runs here, outside the metered forward, on the masked positions only.
         self.ctx.flops.add("train", 6.0 * head_parameters(head), mask.sum())
-        div = chunked_divergence(
-            out.hidden_states[-1][:, window], head.weight, head.bias, teacher, mask,
-            name=cfg.divergence, reduction="sum",
-            temperature=cfg.temperature, chunk_size=cfg.chunk_size or None,
-            **divergence_params(cfg.divergence, beta=cfg.beta, skew=cfg.skew, mu=cfg.mu),
-        )
-        return {cfg.divergence: Term(div)}
+        args = (out.hidden_states[-1][:, window], head.weight, head.bias, teacher, mask)
+        options = dict(name=cfg.divergence, reduction="sum", temperature=cfg.temperature,
+                       chunk_size=cfg.chunk_size or None,
+                       **divergence_params(cfg.divergence, beta=cfg.beta, skew=cfg.skew, mu=cfg.mu))
+        if cfg.alpha == 1:  # as token_distill_terms: no cross-entropy at weight 0
+            return {cfg.divergence: Term(chunked_divergence(*args, **options), "labels", cfg.alpha)}
+        # Position t predicts labels[:, t + 1] (the wrapped-around last column is never in the mask). The loop
+        # weighs the two terms alpha and 1 - alpha over the same units, the ratio the fused gradient assumes.
+        div, ce = chunked_divergence_and_ce(*args, labels.roll(-1, dims=1), ce_weight=1 - cfg.alpha, **options)
+        return {cfg.divergence: Term(div, "labels", cfg.alpha), "ce": Term(ce, "labels", 1 - cfg.alpha)}
 
 
 @dataclass
