@@ -30,7 +30,7 @@ import torch
 import torch.nn.functional as F
 from accelerate import Accelerator
 
-from lmdistill.config import MethodConfig, ModelConfig, RunConfig
+from lmdistill.config import ConfigError, MethodConfig, ModelConfig, RunConfig
 from lmdistill.data import load_rows
 from lmdistill.data.tokenize import IGNORE_INDEX, collate, encode_rows
 from lmdistill.generation import sample_ids
@@ -390,6 +390,45 @@ def test_kd_chunked_with_ce_equals_dense(divergence, k, tau, data, tmp_path):
                                    rtol=1e-6, atol=0)  # the dense CE is float32 (response_ce_sum)
     torch.testing.assert_close(chunk_loss.double(), dense_loss.double(), rtol=1e-6, atol=0)
     torch.testing.assert_close(chunk_grad, dense_grad, rtol=1e-5, atol=1e-5 * float(dense_grad.abs().max()))
+
+
+def test_kd_chunked_auto_takes_the_fast_path_only_where_it_is_exact(data, tmp_path, monkeypatch):
+    """method.chunked=auto (the default): dense below CHUNKED_MIN_VOCAB; chunked at or above it, with the
+    dense path's loss and gradient; and back to dense (same loss) on a model whose logits are not its head
+    applied to its last hidden state, which chunked=true refuses with a ConfigError."""
+    import lmdistill.methods.distill as distill
+
+    calls = []
+    fused = distill.chunked_divergence
+    monkeypatch.setattr(distill, "chunked_divergence", lambda *a, **kw: calls.append(1) or fused(*a, **kw))
+    small = make_case(data, tmp_path / "small", {"name": "kd"})
+    batch = small.sequences()
+    dense_loss, _ = small.loop_loss(batch)
+    dense_grad = flat_grad(dense_loss, small.params)
+    assert small.method.cfg.chunked == "auto" and not calls  # a 100-token vocabulary: dense
+    monkeypatch.setattr(distill, "CHUNKED_MIN_VOCAB", 1)
+    big = make_case(data, tmp_path / "big", {"name": "kd"})
+    loss, _ = big.loop_loss(big.sequences())
+    assert calls  # chunked now
+    torch.testing.assert_close(loss, dense_loss)
+    torch.testing.assert_close(flat_grad(loss, big.params), dense_grad)
+
+    def scaled(module, args, kwargs, out):  # logits x 2: no longer head(hidden)
+        out.logits = out.logits * 2
+        return out
+
+    calls.clear()
+    odd = make_case(data, tmp_path / "odd", {"name": "kd"})
+    odd.student.register_forward_hook(scaled, with_kwargs=True)
+    loss, _ = odd.loop_loss(odd.sequences())
+    assert not calls and odd.method._chunked is False
+    expected = make_case(data, tmp_path / "odd_dense", {"name": "kd", "chunked": False})
+    expected.student.register_forward_hook(scaled, with_kwargs=True)
+    torch.testing.assert_close(loss, expected.loop_loss(expected.sequences())[0])
+    strict = make_case(data, tmp_path / "strict", {"name": "kd", "chunked": True})
+    strict.student.register_forward_hook(scaled, with_kwargs=True)
+    with pytest.raises(ConfigError, match="method.chunked=true"):
+        strict.loop_loss(strict.sequences())
 
 
 def test_akl_weighs_forward_and_reverse_kl_by_head_and_tail_gaps(data, tmp_path):
