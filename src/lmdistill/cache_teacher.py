@@ -39,13 +39,12 @@ from lmdistill.models import count_parameters, load_tokenizer
 from lmdistill.teachers.base import Teacher
 from lmdistill.teachers.cache.format import (
     DEFAULT_K,
-    DTYPES,
     FORMAT,
+    LOGPROB_STEP,
     VERSION,
     CacheError,
     check_settings,
-    encode_ids,
-    id_encoding,
+    encode_shard,
     row_key,
     shard_digest,
     shard_holds,
@@ -212,7 +211,9 @@ def build_cache(cfg: RunConfig, *, batch_size: int = 16, stop_after_shards: int 
         raise ConfigError(f"teacher.tail_samples={t.tail_samples} needs teacher.k below the vocabulary ({vocab}): "
                           "with k = V there is no tail to sample")
     settings = {"format": FORMAT, "version": VERSION, "k": k, "vocab_size": vocab, "dtype": t.cache_dtype,
-                "ids": id_encoding(vocab), "tokenizer_sha256": tokenizer_fingerprint(tokenizer), "teacher": t.model.path}
+                "ids": "varint", "tokenizer_sha256": tokenizer_fingerprint(tokenizer), "teacher": t.model.path}
+    if t.cache_dtype == "uint8":
+        settings["logprob_step"] = LOGPROB_STEP
     if t.tail_samples:  # only when used, so caches built before the option still match their settings
         settings["tail_samples"] = t.tail_samples
     if t.prefix:
@@ -244,11 +245,7 @@ def build_cache(cfg: RunConfig, *, batch_size: int = 16, stop_after_shards: int 
                                         tail_samples=t.tail_samples, seed=int(shard_digest(_keys(shard)), 16))
         teacher_seconds += time.perf_counter() - t0
         fed += n_fed
-        tensors.update(encode_ids(tensors["ids"], settings["ids"]))
-        if t.tail_samples:
-            tensors.update(encode_ids(tensors["tail_ids"], settings["ids"], "tail_ids"))
-        for name in ("logprobs", "log_tail", "target_logprob"):
-            tensors[name] = tensors[name].to(DTYPES[t.cache_dtype])
+        tensors = encode_shard(tensors, t.cache_dtype)
         meta = {"format": FORMAT, "version": str(VERSION), "k": str(k), "rows": str(len(shard))}
         atomic_write_bytes(directory / shard_name(i, _keys(shard)), save_safetensors(tensors, metadata=meta))
         done[i] = finished(i, shard)

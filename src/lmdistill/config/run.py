@@ -83,8 +83,8 @@ class TeacherConfig:
     """Text a local teacher (kind=local, and cache-teacher) sees before every sequence and the student does not, e.g. few-shot demonstrations that fix the answer format (its keys and values are computed once). Written as the model sees text: with a chat model, whole turns in its template."""
     cache: str | None = None
     """Top-k cache directory: written by `lmdistill cache-teacher`, read when kind=cache."""
-    cache_dtype: Literal["float16", "float32"] = "float16"
-    """Precision of the cached log-probs: float16 (2 bytes, relative error below 5e-4) or float32 (exact)."""
+    cache_dtype: Literal["float16", "float32", "uint8"] = "float16"
+    """Precision of the cached log-probs: float16 (2 bytes, relative error below 5e-4), float32 (exact), or uint8 (1 byte: the gap to the position's best log-prob in steps of 1/16 nat, error at most 1/32 before renormalising; gaps past 15.9 nats are clamped)."""
     cache_shard_tokens: int = 65536
     """Cached positions per cache shard file (about 17 MB at k=64); a killed cache-teacher resumes shard by shard."""
     base_url: str | None = None

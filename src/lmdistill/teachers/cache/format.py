@@ -10,25 +10,42 @@ Layout of a cache directory (``teacher.cache``)::
     shard-00000-<digest>.safetensors    rows in data order until ``teacher.cache_shard_tokens``
                                         positions; <digest> hashes the shard's row keys
 
-Tensors of a shard of R rows and N cached positions (``k`` = ``teacher.k``, 64 when 0)::
+Tensors of a version-2 shard of R rows and N cached positions (``k`` = ``teacher.k``, 64 when 0;
+``n`` = ``teacher.tail_samples``)::
 
     row_hash        (R, 16) uint8    the rows' keys
     row_start       (R,) int32       first cached position of the row (its prompt length − 1)
-    row_offset      (R+1,) int64     row r's positions are [row_offset[r], row_offset[r+1]) below
-    ids             (N, k) uint16    top-k ids, best first: the low 16 bits; int32 when V > 2^24
-    ids_hi          (N, ⌈k·b/8⌉) uint8  only when 2^16 < V ≤ 2^24: the high b ∈ {2, 4, 8} bits, packed
-    logprobs        (N, k) float16 | float32   the top-k log-probs under the full softmax
+    row_offset      (R+1,) int32     row r's positions are [row_offset[r], row_offset[r+1]) below
+    row_id_offset   (R+1,) int32     row r's ids are id_bytes[row_id_offset[r] : row_id_offset[r+1]]
+                                     (both offsets int64 where a shard outgrows int32)
+    id_bytes        (B,) uint8       per position, LEB128 varints (7 bits a byte, high bit: more
+                                     follow): its k top-k ids best first, then its n tail samples
+                                     sorted ascending, each as its gap to the one before (the
+                                     first as itself); any vocabulary size
+    logprobs        (N, k) float16 | float32    ``teacher.cache_dtype`` float16 / float32, or
+    logprob_gaps    (N, k−1) uint8   ``cache_dtype=uint8``: round((lp_0 − lp_i) / step), i = 1..k−1,
+                                     step = ``logprob_step`` of the index (1/16 nat), clamped at 255
+                                     (gaps past 15.9 nats); lp_0 itself is not stored: the reader
+                                     adds the constant that gives the k their exact mass (below)
     log_tail        (N,)             log of 1 − Σ top-k probabilities, computed exactly (not from
                                      the rounded top-k)
     target_logprob  (N,)             log-prob of the token that follows (for ``score``)
+    tail_plogp      (N,) float32     only with n > 0: Σ_tail q·log q, exact (float16 with uint8)
 
-and with ``teacher.tail_samples`` = n > 0 (:func:`lmdistill.losses.sample_tail`)::
+The tail samples are n systematic samples from the teacher's tail
+(:func:`lmdistill.losses.sample_tail`); the losses only use their mean, so their order is free.
+log_tail and target_logprob are float32 with ``cache_dtype=float32``, else float16.
 
-    tail_ids        (N, n) uint16 (+ tail_ids_hi)  n systematic samples from the teacher's tail
-    tail_plogp      (N,) float32     Σ_tail q·log q, exact
+Version 1 (read, no longer written) stored ids as fixed-width integers instead of ``id_bytes``::
 
-At k = 64 with V ≤ 65,536 and float16 that is 4·64 + 4 = 260 bytes per position, plus 28 bytes
-per row and each shard's header (measured: 265.6 bytes per token with SmolLM2 on math rows).
+    row_offset      (R+1,) int64
+    ids             (N, k) uint16    top-k ids, best first: the low 16 bits; int32 when V > 2^24
+    ids_hi          (N, ⌈k·b/8⌉) uint8  only when 2^16 < V ≤ 2^24: the high b ∈ {2, 4, 8} bits, packed
+    tail_ids        (N, n) uint16 (+ tail_ids_hi)  in the sampler's order
+
+Sizes with SmolLM2 (V = 49,152) on math rows (``scripts/measure_teacher_cache.py``): version 1 at
+k = 32 + 64 samples, float16, 269.7 bytes per token; varint ids take ~1.4 bytes per top-k id and
+~1.35 per sample instead of 2, and uint8 log-probs 1 byte instead of 2 (tests check the exact sizes).
 """
 
 from __future__ import annotations
@@ -49,14 +66,24 @@ from lmdistill.io import UserError, atomic_write_json
 log = logging.getLogger(__name__)
 
 FORMAT = "lmdistill-topk-cache"
-VERSION = 1
+VERSION = 2
+"""The version written; :data:`READ_VERSIONS` are read."""
+READ_VERSIONS = (1, 2)
 INDEX = "index.json"
 DEFAULT_K = 64
 """k of a cache built with ``teacher.k=0``: the k that ``methods.common.teacher_signal`` asks a top-k
 teacher for when ``teacher.k`` is 0, so a cache built and read with the same config agrees."""
-DTYPES = {"float16": torch.float16, "float32": torch.float32}
+DTYPES = {"float16": torch.float16, "float32": torch.float32, "uint8": torch.float16}
+"""``teacher.cache_dtype`` → the dtype of the per-position scalars (and of float log-probs)."""
+LOGPROB_STEP = 1 / 16
+"""Step of ``cache_dtype=uint8``: each log-prob is stored as its gap to the position's best in these
+steps (error ≤ step/2 before the reader's shift), 255 steps at most. Measured on SmolLM2: finer steps
+(1/32, 1/64: clamped at 8 or 4 nats) err by 2e-3 to 0.8 in fkl through the clamped ids; 1/16 adds
+~5e-5 to float16's error."""
+VARINT_BYTES = 5
+"""Most bytes of one varint: 35 bits, more than any vocabulary."""
 HOW_TO_BUILD = "build it with `lmdistill cache-teacher CONFIG` (the run's config, same data and student tokenizer)"
-OPTIONAL_SETTINGS = ("tail_samples", "prefix_sha256")
+OPTIONAL_SETTINGS = ("tail_samples", "prefix_sha256", "logprob_step")
 """Settings written only when their option is used (so older caches still match)."""
 
 
@@ -120,6 +147,95 @@ def decode_ids(parts: dict[str, torch.Tensor], k: int, encoding: str, name: str 
     return ids | (hi.flatten(1)[:, :k] << 16)
 
 
+def encode_varints(values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(M,) non-negative integers → (LEB128 stream (B,) uint8, bytes of each value (M,) int64)."""
+    v = np.asarray(values, dtype=np.int64)
+    if v.size and (v.min() < 0 or v.max() >= 1 << 7 * VARINT_BYTES):
+        raise ValueError(f"varints hold integers in [0, 2^{7 * VARINT_BYTES}), got {v.min()}..{v.max()}")
+    nbytes = np.ones(v.shape, dtype=np.int64)
+    for j in range(1, VARINT_BYTES):
+        nbytes += v >= 1 << 7 * j
+    groups = np.stack([(v >> 7 * j) & 0x7F for j in range(VARINT_BYTES)], axis=-1).astype(np.uint8)  # (M, 5)
+    j = np.arange(VARINT_BYTES)
+    groups |= ((j < nbytes[:, None] - 1) << 7).astype(np.uint8)  # continuation bit on all but the last
+    return groups[j < nbytes[:, None]], nbytes
+
+
+def decode_varints(stream: np.ndarray) -> np.ndarray:
+    """Inverse of :func:`encode_varints`: a LEB128 stream (B,) uint8 → its values (M,) int64."""
+    stream = np.asarray(stream, dtype=np.uint8)
+    if stream.size == 0:
+        return np.zeros(0, dtype=np.int64)
+    last = (stream & 0x80) == 0  # (B,) the last byte of each value
+    if not last[-1]:
+        raise ValueError("the varint stream ends inside a value")
+    starts = np.flatnonzero(np.concatenate(([True], last[:-1])))  # (M,) first byte of each value
+    within = np.arange(stream.size) - np.repeat(starts, np.diff(np.append(starts, stream.size)))
+    if within.max() >= VARINT_BYTES:
+        raise ValueError(f"a varint longer than {VARINT_BYTES} bytes")
+    return np.add.reduceat((stream & 0x7F).astype(np.int64) << (7 * within), starts)
+
+
+def pack_ids(top_ids: torch.Tensor, tail_ids: torch.Tensor | None, row_offset: torch.Tensor
+             ) -> tuple[torch.Tensor, torch.Tensor]:
+    """A shard's ids → (id_bytes (B,) uint8, row_id_offset (R+1,)), the version-2 layout (module docstring).
+
+    top_ids: (N, k) best first; tail_ids: (N, n) or None; row_offset: (R+1,) positions of each row.
+    """
+    values = top_ids.to(torch.int64).numpy()
+    if tail_ids is not None and tail_ids.shape[1]:
+        tail = np.sort(tail_ids.to(torch.int64).numpy(), axis=1)
+        values = np.concatenate([values, np.diff(tail, axis=1, prepend=0)], axis=1)  # (N, k+n)
+    stream, nbytes = encode_varints(values.reshape(-1))
+    per_position = np.concatenate(([0], nbytes.reshape(values.shape).sum(1).cumsum()))  # (N+1,)
+    return torch.from_numpy(stream), offsets_tensor(torch.from_numpy(per_position[row_offset.numpy()]))
+
+
+def unpack_ids(id_bytes: torch.Tensor, positions: int, k: int, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Inverse of :func:`pack_ids` for one row's bytes: (top ids (positions, k), tail ids (positions, n)), int64."""
+    values = decode_varints(id_bytes.numpy())
+    if values.size != positions * (k + n):
+        raise ValueError(f"{values.size} ids where {positions} positions of {k} + {n} were expected")
+    values = torch.from_numpy(values).view(positions, k + n)
+    return values[:, :k], values[:, k:].cumsum(1)
+
+
+def quantise_logprobs(logprobs: torch.Tensor, step: float = LOGPROB_STEP) -> torch.Tensor:
+    """(N, k) log-probs, best first → (N, k−1) uint8: each one's gap to the best in `step`s, rounded, ≤ 255."""
+    gaps = (logprobs[:, :1].float() - logprobs[:, 1:].float()) / step
+    return torch.nan_to_num(gaps, nan=255.0, posinf=255.0).round().clamp(0, 255).to(torch.uint8)
+
+
+def dequantise_logprobs(codes: torch.Tensor, step: float) -> torch.Tensor:
+    """Inverse of :func:`quantise_logprobs` up to a constant: (N, k) float32, the best at 0, non-increasing."""
+    return torch.nn.functional.pad(-codes.float() * step, (1, 0))
+
+
+def offsets_tensor(offsets: torch.Tensor) -> torch.Tensor:
+    """Offsets (R+1,) as int32, or int64 where they do not fit."""
+    return offsets.to(torch.int32 if int(offsets[-1]) < 1 << 31 else torch.int64)
+
+
+def encode_shard(tensors: dict[str, torch.Tensor], cache_dtype: str) -> dict[str, torch.Tensor]:
+    """A shard's values (full-precision: int64 ids (N, k), float32 log-probs, ...) → its stored tensors.
+
+    In: row_hash, row_start, row_offset (R+1,), ids, logprobs, log_tail, target_logprob, and with
+    tail samples tail_ids (N, n) and tail_plogp. Out: the version-2 tensors (module docstring).
+    """
+    out = {"row_hash": tensors["row_hash"], "row_start": tensors["row_start"].to(torch.int32),
+           "row_offset": offsets_tensor(tensors["row_offset"])}
+    out["id_bytes"], out["row_id_offset"] = pack_ids(tensors["ids"], tensors.get("tail_ids"), tensors["row_offset"])
+    if cache_dtype == "uint8":
+        out["logprob_gaps"] = quantise_logprobs(tensors["logprobs"])
+    else:
+        out["logprobs"] = tensors["logprobs"].to(DTYPES[cache_dtype])
+    for name in ("log_tail", "target_logprob"):
+        out[name] = tensors[name].to(DTYPES[cache_dtype])
+    if "tail_plogp" in tensors:
+        out["tail_plogp"] = tensors["tail_plogp"].to(torch.float16 if cache_dtype == "uint8" else torch.float32)
+    return out
+
+
 # --------------------------------------------------------------------------- shards
 
 
@@ -154,9 +270,14 @@ def read_index(directory: Path) -> dict:
     path = directory / INDEX
     if not path.is_file():
         raise CacheError(f"no top-k cache at {directory} ({INDEX} is missing): {HOW_TO_BUILD}")
-    index = json.loads(path.read_text())
-    if index.get("format") != FORMAT or index.get("version") != VERSION:
-        raise CacheError(f"{path} is not a version-{VERSION} {FORMAT} index; rebuild it: {HOW_TO_BUILD}")
+    try:
+        index = json.loads(path.read_text())
+    except ValueError as e:
+        raise CacheError(f"{path}: not valid JSON ({e}); delete the directory and rebuild it: {HOW_TO_BUILD}") from None
+    if not isinstance(index, dict) or index.get("format") != FORMAT or index.get("version") not in READ_VERSIONS:
+        version = index.get("version") if isinstance(index, dict) else None
+        raise CacheError(f"{path} is not a {FORMAT} index of version {' or '.join(map(str, READ_VERSIONS))} "
+                         f"(version {version!r}); delete the directory and rebuild it: {HOW_TO_BUILD}")
     return index
 
 

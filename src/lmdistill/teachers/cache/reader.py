@@ -1,8 +1,11 @@
 """:class:`CachedTeacher`: a ``TOPK`` teacher read back from a top-k cache (:mod:`.format`), no model in memory.
 
 A reader shifts each position's k log-probs by one constant so that their mass is exactly
-``1 − exp(log_tail)``: float16 rounding then moves probability only among the k ids, never into or
-out of the tail bucket the losses build (:func:`lmdistill.losses.log_distributions`).
+``1 − exp(log_tail)``: float16 or uint8 rounding then moves probability only among the k ids, never
+into or out of the tail bucket the losses build (:func:`lmdistill.losses.log_distributions`). With
+``cache_dtype=uint8`` that constant is also the best log-prob, which is not stored.
+
+Reads version-2 caches and the version-1 caches written before them (:mod:`.format`).
 """
 
 from __future__ import annotations
@@ -26,9 +29,11 @@ from lmdistill.teachers.cache.format import (
     CacheError,
     CacheMiss,
     decode_ids,
+    dequantise_logprobs,
     read_index,
     row_key,
     tokenizer_fingerprint,
+    unpack_ids,
 )
 from lmdistill.teachers.local import TokenizerMismatch
 
@@ -59,6 +64,9 @@ class CachedTeacher(Teacher):
         self.tail_samples: int = index.get("tail_samples", 0)
         self.vocab_size: int = index["vocab_size"]
         self.encoding: str = index["ids"]
+        self.version: int = index["version"]
+        self.dtype: str = index["dtype"]
+        self.logprob_step: float | None = index.get("logprob_step")
         self.name = f"cache:{self.directory}"
         self.complete: bool = index["complete"]
         if tokenizer is not None:
@@ -73,6 +81,7 @@ class CachedTeacher(Teacher):
         self._rows: dict[bytes, tuple[int, int]] = {}
         self._starts: list[list[int]] = []
         self._offsets: list[list[int]] = []
+        self._id_offsets: list[list[int]] = []
         for si, path in enumerate(self._files):
             if not path.is_file():
                 raise CacheError(f"{path} is listed in {self.directory / INDEX} but missing; rerun "
@@ -81,6 +90,8 @@ class CachedTeacher(Teacher):
                 keys = f.get_tensor("row_hash").numpy()
                 self._starts.append(f.get_tensor("row_start").tolist())
                 self._offsets.append(f.get_tensor("row_offset").tolist())
+                if self.version >= 2:
+                    self._id_offsets.append(f.get_tensor("row_id_offset").tolist())
             for r in range(keys.shape[0]):
                 self._rows[keys[r].tobytes()] = (si, r)
 
@@ -133,23 +144,41 @@ class CachedTeacher(Teacher):
         si, r = where
         a, b = self._offsets[si][r], self._offsets[si][r + 1]
         f = self._shard(si)
-        parts = {"ids": f.get_slice("ids")[a:b]}
-        if self.encoding.startswith("uint16+"):
-            parts["ids_hi"] = f.get_slice("ids_hi")[a:b]
-        ids = decode_ids(parts, self.k, self.encoding)  # (n, K)
-        lps = f.get_slice("logprobs")[a:b].float()  # (n, K)
+        ids, tail_ids = self._ids(f, si, r, a, b)  # (n, K), (n, tail_samples) or None
+        if self.dtype == "uint8":
+            lps = dequantise_logprobs(f.get_slice("logprob_gaps")[a:b], self.logprob_step)  # (n, K), up to a shift
+        else:
+            lps = f.get_slice("logprobs")[a:b].float()  # (n, K)
         head = log1mexp(f.get_slice("log_tail")[a:b].float())  # (n,) log of the top-K's exact mass
         shift = torch.where(torch.isfinite(head), head - lps.logsumexp(-1), 0.0)
         lps = lps + shift.unsqueeze(-1)
         target = f.get_slice("target_logprob")[a:b].float()
         top = TopK(ids=ids[:, :k].contiguous(), logprobs=lps[:, :k].contiguous())
         if self.tail_samples:
-            tail = {"tail_ids": f.get_slice("tail_ids")[a:b]}
-            if self.encoding.startswith("uint16+"):
-                tail["tail_ids_hi"] = f.get_slice("tail_ids_hi")[a:b]
-            top = top._replace(tail_ids=decode_ids(tail, self.tail_samples, self.encoding, "tail_ids"),
-                               tail_plogp=f.get_slice("tail_plogp")[a:b].float())
+            top = top._replace(tail_ids=tail_ids, tail_plogp=f.get_slice("tail_plogp")[a:b].float())
         return self._starts[si][r], top, target
+
+    def _ids(self, f, si: int, r: int, a: int, b: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Row r of shard si (positions a..b): its top-K ids (n, K) and tail samples (n, tail_samples) or None."""
+        n = self.tail_samples
+        if self.version >= 2:
+            stream = f.get_slice("id_bytes")[self._id_offsets[si][r] : self._id_offsets[si][r + 1]]
+            try:
+                ids, tail = unpack_ids(stream, b - a, self.k, n)
+            except ValueError as e:
+                raise CacheError(f"{self._files[si]} is damaged ({e}); delete it and rerun `lmdistill cache-teacher` "
+                                 "to recompute it") from None
+            return ids, tail if n else None
+        parts = {"ids": f.get_slice("ids")[a:b]}
+        if self.encoding.startswith("uint16+"):
+            parts["ids_hi"] = f.get_slice("ids_hi")[a:b]
+        ids = decode_ids(parts, self.k, self.encoding)
+        if not n:
+            return ids, None
+        tail = {"tail_ids": f.get_slice("tail_ids")[a:b]}
+        if self.encoding.startswith("uint16+"):
+            tail["tail_ids_hi"] = f.get_slice("tail_ids_hi")[a:b]
+        return ids, decode_ids(tail, n, self.encoding, "tail_ids")
 
     def _check_k(self, k: int) -> None:
         if not 1 <= k <= self.k:
@@ -198,7 +227,7 @@ class CachedTeacher(Teacher):
         of a row and padding are 0, other (prompt) tokens NaN: the cache does not hold them."""
         out = torch.zeros(input_ids.shape, dtype=torch.float32)  # (B, T)
         for b, where, row in self._rows_of(input_ids.cpu(), attention_mask.cpu()):
-            start, _, target = self.lookup(row, 1)
+            start, _, target = self.lookup(row)  # all K: a cache with tail samples refuses a smaller k
             out[b, where[1:]] = math.nan
             out[b, where[start + 1 : start + 1 + target.shape[0]]] = target
         return out.to(input_ids.device)
