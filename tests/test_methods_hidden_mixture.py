@@ -84,14 +84,16 @@ class FixedTeacher(Teacher):
         self.capability = capability
         self.name = name
 
-    def logits(self, input_ids, attention_mask):
+    def logits(self, input_ids, attention_mask, window=None):
         assert self.capability >= Capability.FULL
-        return self.log_probs.expand(input_ids.shape[0], -1, -1).float() + 3.0  # unnormalised on purpose
+        out = self.log_probs.expand(input_ids.shape[0], -1, -1).float() + 3.0  # unnormalised on purpose
+        return out if window is None else out[:, window]
 
-    def topk(self, input_ids, attention_mask, k):
+    def topk(self, input_ids, attention_mask, k, window=None):
         values, ids = self.log_probs.float().topk(k, dim=-1)
         b = input_ids.shape[0]
-        return TopK(ids=ids.expand(b, -1, -1), logprobs=values.expand(b, -1, -1))
+        top = TopK(ids=ids.expand(b, -1, -1), logprobs=values.expand(b, -1, -1))
+        return top if window is None else top.select((slice(None), window))
 
     def score(self, input_ids, attention_mask):
         labels = input_ids.masked_fill(attention_mask == 0, -100)
