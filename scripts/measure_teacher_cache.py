@@ -12,7 +12,10 @@ cache's fkl is an unbiased estimate, and cache − full is its sampling (plus ro
 teacher's tokenizer (at initialisation, and after KD steps from the cache), and the teacher itself at
 temperature 1.25 and 1.5 (students close to the teacher). Also times the teacher's forward pass.
 Prints one JSON object (also written to OUT/result.json); its `bytes_per_token` and
-`max_abs_cache_minus_full` (over the students) are the two numbers of the README's table.
+`max_abs_cache_minus_full` (over the students) are the two numbers of the README's table. One cache is
+one draw of the tail samples: `--redraws R` draws them R more times (keeping the cache's top-k) and gives,
+per student, the RMS of cache − full over the draws (`max_redraw_rms`: the largest over the students), the
+error to expect from another cache of the same setting.
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import math
 import time
 from pathlib import Path
 
@@ -27,7 +31,7 @@ import torch
 
 from lmdistill.config import RunConfig, build
 from lmdistill.data import collate, encode_rows, load_rows
-from lmdistill.losses import LOSSES, TopK, prediction_mask
+from lmdistill.losses import LOSSES, TopK, prediction_mask, sample_tail
 from lmdistill.methods import METHOD_CONFIGS
 from lmdistill.models import load_model, load_tokenizer
 from lmdistill.cache_teacher import build_cache
@@ -43,30 +47,52 @@ def heldout_batches(cfg: RunConfig, tokenizer, batch_size: int) -> list[dict[str
 
 
 @torch.no_grad()
-def teacher_signals(batches, teacher, cached, k: int) -> list[tuple]:
-    """Per held-out batch: (full logits, exact top-k in float32, the cache's signal), from one forward."""
+def teacher_signals(batches, teacher, cached, k: int, redraws: int = 0) -> list[tuple]:
+    """Per held-out batch: (full logits, exact top-k in float32, the cache's signal, redraws), from one forward.
+
+    redraws: `redraws` copies of the cache's signal with its tail samples drawn again (generators seeded
+    1..redraws, the cache's stored top-k kept): other equally likely caches, for the spread of its error.
+    """
     out = []
     for b in batches:
         full = teacher.logits(b["input_ids"], b["attention_mask"])  # (B, T, V)
-        values, ids = torch.log_softmax(full.float(), dim=-1).topk(k, dim=-1)  # as LocalTeacher.topk
-        out.append((full, TopK(ids=ids, logprobs=values), cached.topk(b["input_ids"], b["attention_mask"], k)))
+        logp = torch.log_softmax(full.float(), dim=-1)
+        values, ids = logp.topk(k, dim=-1)  # as LocalTeacher.topk
+        signal = cached.topk(b["input_ids"], b["attention_mask"], k)
+        again = []
+        if redraws and signal.sampled:
+            mask = prediction_mask(b["labels"])
+            for seed in range(1, redraws + 1):
+                fresh = sample_tail(logp[mask], k, cached.tail_samples, torch.Generator().manual_seed(seed))
+                tail_ids, tail_plogp = signal.tail_ids.clone(), signal.tail_plogp.clone()
+                tail_ids[mask], tail_plogp[mask] = fresh.tail_ids, fresh.tail_plogp
+                again.append(signal._replace(tail_ids=tail_ids, tail_plogp=tail_plogp))
+        out.append((full, TopK(ids=ids, logprobs=values), signal, again))
     return out
 
 
 @torch.no_grad()
 def fkl_three_ways(student_logits_fn, batches, signals) -> dict[str, float]:
-    """Token-weighted mean KL(teacher ‖ student) over the held-out response positions, three ways."""
+    """Token-weighted mean KL(teacher ‖ student) over the held-out response positions, three ways (and
+    from each redraw of the tail samples: the RMS and largest |redraw − full|)."""
     sums = {"full": 0.0, "topk_bucket": 0.0, "cache": 0.0}
+    redrawn = [0.0] * len(signals[0][3])
     n = 0
-    for b, signal in zip(batches, signals):
+    for b, (*three, again) in zip(batches, signals):
         mask = prediction_mask(b["labels"])
-        s = student_logits_fn(b, signal[0])  # (B, T, V); signal[0]: the teacher's full logits
-        for key, t in zip(("full", "topk_bucket", "cache"), signal):
+        s = student_logits_fn(b, three[0])  # (B, T, V); three[0]: the teacher's full logits
+        for key, t in zip(("full", "topk_bucket", "cache"), three):
             sums[key] += LOSSES["fkl"](s, t, mask, reduction="sum").item()
+        for r, t in enumerate(again):
+            redrawn[r] += LOSSES["fkl"](s, t, mask, reduction="sum").item()
         n += int(mask.sum())
     out = {k: v / n for k, v in sums.items()}
     out["bucket_truncation_error"] = out["topk_bucket"] - out["full"]
     out["cache_minus_full"] = out["cache"] - out["full"]
+    if redrawn:
+        errors = [v / n - out["full"] for v in redrawn]
+        out["redraw_rms"] = math.sqrt(sum(e * e for e in errors) / len(errors))
+        out["redraw_max_abs"] = max(map(abs, errors))
     return out
 
 
@@ -93,6 +119,9 @@ def main() -> None:
     p.add_argument("--tail-samples", type=int, default=0)
     p.add_argument("--dtype", default="float16", choices=["float16", "float32", "uint8"],
                    help="teacher.cache_dtype: how the cached log-probs are stored")
+    p.add_argument("--redraws", type=int, default=0,
+                   help="with tail samples: also draw them this many more times (the cache's top-k kept) and "
+                        "report the RMS and largest error over the draws, per student")
     args = p.parse_args()
     out = Path(args.out)
     from lmdistill.config import ModelConfig
@@ -116,16 +145,19 @@ def main() -> None:
     cached = CachedTeacher(cfg.teacher.cache, tokenizer=tok)
     result: dict = {"setting": {"k": args.k, "tail_samples": args.tail_samples, "dtype": args.dtype},
                     "bytes_per_token": summary.bytes_per_token, "max_abs_cache_minus_full": 0.0,
+                    "max_redraw_rms": None,
                     "cache": dataclasses.asdict(summary),
                     "heldout_rows": sum(len(b["input_ids"]) for b in batches),
                     "heldout_response_tokens": sum(int(prediction_mask(b["labels"]).sum()) for b in batches),
                     "teacher_forward_tokens_per_second": forward_speed(teacher.weights, batches)}
-    signals = teacher_signals(batches, teacher, cached, args.k)
+    signals = teacher_signals(batches, teacher, cached, args.k, args.redraws)
 
     def record(name: str, value) -> None:  # written as it comes: a later failure keeps the numbers
         result[name] = value
         if isinstance(value, dict) and "cache_minus_full" in value:
             result["max_abs_cache_minus_full"] = max(result["max_abs_cache_minus_full"], abs(value["cache_minus_full"]))
+            if "redraw_rms" in value:
+                result["max_redraw_rms"] = max(result["max_redraw_rms"] or 0.0, value["redraw_rms"])
         (out / "result.json").write_text(json.dumps(result, indent=2) + "\n")
 
     record("teacher_forward_tokens_per_second", result["teacher_forward_tokens_per_second"])
