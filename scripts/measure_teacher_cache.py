@@ -52,7 +52,11 @@ def teacher_signals(batches, teacher, cached, k: int, redraws: int = 0) -> list[
 
     redraws: `redraws` copies of the cache's signal with its tail samples drawn again (generators seeded
     1..redraws, the cache's stored top-k kept): other equally likely caches, for the spread of its error.
+    Each draw's generator runs on through the batches, as a shard's does: every position its own u (a
+    generator seeded again per batch would give the positions of every batch the same u's, whose errors
+    correlate, and overstate the spread).
     """
+    generators = [torch.Generator().manual_seed(seed) for seed in range(1, redraws + 1)]
     out = []
     for b in batches:
         full = teacher.logits(b["input_ids"], b["attention_mask"])  # (B, T, V)
@@ -62,8 +66,8 @@ def teacher_signals(batches, teacher, cached, k: int, redraws: int = 0) -> list[
         again = []
         if redraws and signal.sampled:
             mask = prediction_mask(b["labels"])
-            for seed in range(1, redraws + 1):
-                fresh = sample_tail(logp[mask], k, cached.tail_samples, torch.Generator().manual_seed(seed))
+            for generator in generators:
+                fresh = sample_tail(logp[mask], k, cached.tail_samples, generator)
                 tail_ids, tail_plogp = signal.tail_ids.clone(), signal.tail_plogp.clone()
                 tail_ids[mask], tail_plogp[mask] = fresh.tail_ids, fresh.tail_plogp
                 again.append(signal._replace(tail_ids=tail_ids, tail_plogp=tail_plogp))
