@@ -43,19 +43,11 @@ import subprocess
 import sys
 import time
 
+from _memory import reset_peak, status_kib  # bench/ is on sys.path when a script here runs
+
 VARIANTS = ["dense", "chunked", "recompute"]
 
-def _status_kib(field: str) -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1])
-    raise RuntimeError(f"{field} not in /proc/self/status")
-
-
 def _worker(args: argparse.Namespace) -> None:
-    import gc
-
     import torch
     import torch.nn.functional as F
 
@@ -100,12 +92,9 @@ def _worker(args: argparse.Namespace) -> None:
         del loss
         return elapsed
 
-    gc.collect()
-    with open("/proc/self/clear_refs", "w") as f:
-        f.write("5")
-    baseline = _status_kib("VmRSS")
+    baseline = reset_peak()
     cold = step()
-    peak = _status_kib("VmHWM")
+    peak = status_kib("VmHWM")
     times = [step() for _ in range(args.repeats)]
     print(json.dumps({"peak_extra_mib": (peak - baseline) / 1024, "time_s": min(times), "cold_time_s": cold}))
 

@@ -39,26 +39,10 @@ import tempfile
 import time
 from pathlib import Path
 
+from _memory import reset_peak, status_kib  # bench/ is on sys.path when a script here runs
+
 VARIANTS = ["sft", "teacher", "kd", "kd-chunked", "onpolicy", "onpolicy-chunked", "cache", "cache-chunked"]
 ROWS = Path(__file__).resolve().parents[1] / "src" / "lmdistill" / "data" / "instructions_smollm2.jsonl"
-
-
-def _status_kib(field: str) -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1])
-    raise RuntimeError(f"{field} not in /proc/self/status")
-
-
-def _reset_peak() -> int:
-    """Reset the kernel's resident high-water mark to the current RSS; returns that RSS in KiB."""
-    import gc
-
-    gc.collect()
-    with open("/proc/self/clear_refs", "w") as f:
-        f.write("5")
-    return _status_kib("VmRSS")
 
 
 def config_overrides(args: argparse.Namespace, variant: str, out: Path, cache: Path) -> list[str]:
@@ -102,14 +86,14 @@ def _worker(args: argparse.Namespace, overrides: list[str]) -> None:
 
         def timed_sequences(self, batch):  # the first call starts the measured part
             if "baseline" not in state:
-                state["baseline"] = _reset_peak()
+                state["baseline"] = reset_peak()
             t0 = time.perf_counter()
             out = sequences(self, batch)
             sampling.append(time.perf_counter() - t0)
             return out
 
         def peak_instead_of_eval(*a, **kw) -> dict:
-            state["peak"] = _status_kib("VmHWM")
+            state["peak"] = status_kib("VmHWM")
             return {}
 
         cls.sequences = timed_sequences
@@ -136,7 +120,7 @@ def _teacher_forward(cfg) -> dict:
     tok = load_tokenizer(cfg.student)
     rows = encode_rows(tok, method_rows(cfg)[0], max_length=cfg.data.max_length)
     teacher = load_teacher(cfg.teacher, tok, torch.device("cpu"))
-    baseline, times = _reset_peak(), []
+    baseline, times = reset_peak(), []
     for step in range(cfg.train.steps):
         batch = collate([rows[i] for i in step_rows(step, len(rows), cfg.train.batch_size, cfg.train.seed)],
                         tok.pad_token_id)
@@ -145,7 +129,7 @@ def _teacher_forward(cfg) -> dict:
             teacher.logits(batch["input_ids"], batch["attention_mask"], trained_window(batch["labels"]))
         times.append(time.perf_counter() - t0)
     return {"step_s": statistics.median(times[1:]), "sampling_s": 0.0,
-            "peak_mib": (_status_kib("VmHWM") - baseline) / 1024}
+            "peak_mib": (status_kib("VmHWM") - baseline) / 1024}
 
 
 def _run(args: argparse.Namespace, variant: str, work: Path, cache: Path) -> dict:

@@ -161,6 +161,22 @@ def test_chunked_bfloat16_matches_dense_bfloat16():
         torch.testing.assert_close(c.float(), d.float(), rtol=2e-2, atol=2e-2)
 
 
+def big_saved_tensors(fn, big: int, teacher: torch.Tensor) -> list[tuple[int, ...]]:
+    """Shapes of the tensors of at least `big` elements that autograd keeps between `fn()`'s forward and its
+    backward (run here), other than the teacher logits given."""
+    saved = []
+
+    def pack(x):
+        if x.numel() >= big and x.data_ptr() != teacher.data_ptr():
+            saved.append(tuple(x.shape))
+        return x
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda x: x):
+        out = fn()
+    out.backward()
+    return saved
+
+
 @pytest.mark.parametrize("recompute", [False, True])
 def test_chunked_keeps_no_student_logits(recompute):
     """Between forward and backward, the chunked path keeps no tensor of N·V elements or more (N unmasked positions)
@@ -168,22 +184,9 @@ def test_chunked_keeps_no_student_logits(recompute):
     b, t, h, v = 2, 8, 4, 64
     hidden, weight, bias, teacher, mask = make(b, t, h, v, dtype=torch.float32)
     big = int(mask.sum()) * v  # both paths only compute the unmasked positions
-
-    def sizes_saved(fn):
-        saved = []
-
-        def pack(x):
-            if x.numel() >= big and x.data_ptr() != teacher.data_ptr():
-                saved.append(tuple(x.shape))
-            return x
-
-        with torch.autograd.graph.saved_tensors_hooks(pack, lambda x: x):
-            out = fn()
-        out.backward()
-        return saved
-
-    assert sizes_saved(lambda: chunked_divergence(hidden, weight, bias, teacher, mask, chunk_size=4, recompute=recompute)) == []
-    assert len(sizes_saved(lambda: LOSSES["fkl"](F.linear(hidden, weight, bias), teacher, mask))) >= 2
+    chunked = lambda: chunked_divergence(hidden, weight, bias, teacher, mask, chunk_size=4, recompute=recompute)  # noqa: E731
+    assert big_saved_tensors(chunked, big, teacher) == []
+    assert len(big_saved_tensors(lambda: LOSSES["fkl"](F.linear(hidden, weight, bias), teacher, mask), big, teacher)) >= 2
 
 
 # --------------------------------------------------------------------------- with the data cross-entropy
@@ -318,18 +321,13 @@ def test_chunked_with_ce_keeps_no_student_logits(recompute):
     """As `test_chunked_keeps_no_student_logits`, with the CE computed from the same chunks."""
     hidden, weight, bias, teacher, labels, mask, targets = make_labeled(4, 10, 4, 64)
     big = int(mask.sum()) * 64
-    saved = []
 
-    def pack(x):
-        if x.numel() >= big and x.data_ptr() != teacher.data_ptr():
-            saved.append(tuple(x.shape))
-        return x
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda x: x):
+    def both():
         div, ce = chunked_divergence_and_ce(hidden, weight, bias, teacher, mask, targets, ce_weight=0.5, chunk_size=4,
                                             recompute=recompute)
-    (div + ce).backward()
-    assert saved == []
+        return div + ce
+
+    assert big_saved_tensors(both, big, teacher) == []
 
 
 def test_default_chunk_size():

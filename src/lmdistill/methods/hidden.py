@@ -22,8 +22,9 @@ import torch
 from torch import nn
 
 from lmdistill.config import ConfigError, MethodConfig
-from lmdistill.losses import hidden_state_distance, prediction_mask, response_ce_sum, trained_window
+from lmdistill.losses import hidden_state_distance, prediction_mask, response_ce_sum
 from lmdistill.methods.base import Batch, Loss, Method, Term, register
+from lmdistill.methods.common import trained
 from lmdistill.models import logits_to_keep
 from lmdistill.teachers import Capability, Needs
 
@@ -128,7 +129,7 @@ class Hidden(Method):
 
     def loss(self, model, batch: Batch) -> Loss:
         ids, am, labels = batch["input_ids"], batch["attention_mask"], batch["labels"]
-        window = trained_window(labels)
+        window, cut = trained(batch)
         out = model(input_ids=ids, attention_mask=am, output_hidden_states=True, **logits_to_keep(window, ids))
         with torch.no_grad():
             # Its logits are not used: keep one position's.
@@ -139,4 +140,4 @@ class Hidden(Method):
         hidden = hidden_state_distance(projected, [teacher_hidden[t] for _, t in self.layer_map], prediction_mask(labels),
                                        distance=self.cfg.loss, reduction="sum")
         return {f"hidden_{self.cfg.loss}": Term(hidden, weight=self.cfg.weight),
-                "ce": Term(response_ce_sum(out.logits, labels[:, window]), weight=self.cfg.ce_weight)}, {}
+                "ce": Term(response_ce_sum(out.logits, cut), weight=self.cfg.ce_weight)}, {}
