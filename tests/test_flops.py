@@ -41,8 +41,12 @@ def forward_cost(batch: dict, spec: str, n: int, h: int, factor: int) -> float:
     "*" where the forward computes every position's logits (a teacher's `score`) or "1" where only the
     last column's; else the response window's."""
     prefix, kind = spec.rstrip("*1"), spec[len(spec.rstrip("*1")):]
-    heads = {"*": tokens(batch, prefix), "1": int(batch[prefix + "attention_mask"][:, -1].sum())}.get(
-        kind, window_tokens(batch, prefix) if kind == "" else 0)
+    if kind == "*":
+        heads = tokens(batch, prefix)
+    elif kind == "1":
+        heads = int(batch[prefix + "attention_mask"][:, -1].sum())
+    else:
+        heads = window_tokens(batch, prefix)
     return factor * ((n - h) * tokens(batch, prefix) + h * heads)
 
 
