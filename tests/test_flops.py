@@ -82,8 +82,8 @@ def test_meter_counts_trained_and_frozen_forwards_and_cached_generation():
 
 
 def test_the_head_counts_only_where_logits_are_computed():
-    """logits_to_keep (last n, or an index tensor) cuts the head's share to those positions' real tokens; the
-    loss window's logits equal the full forward's there."""
+    """logits_to_keep (an index tensor; generation's prefill passes an int, the last n) cuts the head's share
+    to those positions' real tokens; the loss window's logits equal the full forward's there."""
     tok = build_char_tokenizer()
     model = load_model(tiny_run_config(Path("x"), Path("y")).student, tok, seed=0)
     n, h = count_parameters(model), head_parameters(model)
@@ -94,13 +94,31 @@ def test_the_head_counts_only_where_logits_are_computed():
     with torch.no_grad():
         full = model(input_ids=ids, attention_mask=am).logits
         meter.other = 0.0
-        last3 = causal_logits(model, ids, am, slice(2, 5))  # an int: the last 3 positions
+        last3 = causal_logits(model, ids, am, slice(2, 5))  # the last 3 positions
         assert meter.other == 2 * (n - h) * 8 + 2 * h * (3 + 1)
         meter.other = 0.0
-        middle = causal_logits(model, ids, am, slice(1, 3))  # an index tensor
+        middle = causal_logits(model, ids, am, slice(1, 3))
         assert meter.other == 2 * (n - h) * 8 + 2 * h * (2 + 2)
+        meter.other = 0.0
+        model(input_ids=ids, attention_mask=am, logits_to_keep=3)  # an int, as generate's prefill passes
+        assert meter.other == 2 * (n - h) * 8 + 2 * h * (3 + 1)
     torch.testing.assert_close(last3, full[:, 2:5])
     torch.testing.assert_close(middle, full[:, 1:3])
+
+
+@pytest.mark.parametrize("window", [slice(2, 5), slice(1, 3)])
+def test_a_frozen_head_gets_its_window_contiguous(window):
+    """The output head of a frozen model (a teacher) gets the window's hidden states as one contiguous (B, W, H)
+    tensor: on a strided view torch.matmul broadcasts the frozen (V, H) weight to every row and copies it
+    (3x the whole bfloat16 forward of SmolLM2 on a CPU, bench/teacher_bf16.py)."""
+    tok = build_char_tokenizer()
+    model = load_model(tiny_run_config(Path("x"), Path("y")).student, tok, seed=0).requires_grad_(False)
+    seen = []
+    model.get_output_embeddings().register_forward_pre_hook(lambda _, args: seen.append(args[0]))
+    ids = torch.tensor([[5, 6, 7, 8, 9], [5, 6, 7, 0, 0]])
+    with torch.no_grad():
+        causal_logits(model, ids, torch.ones_like(ids), window)
+    assert len(seen) == 1 and seen[0].shape[1] == window.stop - window.start and seen[0].is_contiguous()
 
 
 # name -> (method options, teacher options, student-trained prefixes, teacher-forward prefixes)

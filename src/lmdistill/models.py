@@ -163,8 +163,12 @@ def logits_to_keep(window: slice | None, input_ids: torch.Tensor) -> dict:
     start, stop, _ = (window or slice(None)).indices(T)
     if (start, stop) == (0, T):
         return {}
-    # An int keeps the last n positions (0 would mean all); an index tensor any others.
-    return {"logits_to_keep": T - start if stop == T else torch.arange(start, stop, device=input_ids.device)}
+    # An index tensor, not the int that keeps the last n: indexing by a tensor copies the window's hidden
+    # states into a contiguous (B, W, H) tensor, while a slice leaves a strided view, which torch.matmul
+    # cannot fold into one matrix product when the head's weight does not require grad (a frozen teacher):
+    # it then broadcasts that (V, H) weight to every row and copies it (B x 56 MB for SmolLM2 in bfloat16;
+    # 3x the whole bfloat16 forward on a CPU).
+    return {"logits_to_keep": torch.arange(start, stop, device=input_ids.device)}
 
 
 def save_model(model: PreTrainedModel, tokenizer: PreTrainedTokenizerFast, directory: Path,
