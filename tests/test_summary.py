@@ -107,6 +107,7 @@ def test_cli_writes_report_and_summary(experiment, tmp_path, capsys):
     written = json.loads((out / "summary.json").read_text())
     assert written["teacher"]["accuracy"] == 0.8 and len(written["runs"]) == 6 and len(written["groups"]) == 2
     assert (out / "report.md").is_file() and "summary: " in capsys.readouterr().out
+    assert (f"-o {out} --summary --teacher {teacher} --student-init {init}`" in (out / "report.md").read_text())
     (sweep / "lam_prime=0__seed=2" / "eval.json").unlink()
     assert main(["report", str(sweep), "-o", str(tmp_path / "other"), "--summary"]) == 2
     assert "no eval.json" in capsys.readouterr().err

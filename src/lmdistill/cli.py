@@ -148,7 +148,11 @@ def cmd_sweep(args: argparse.Namespace) -> int:
 
 
 def cmd_report(args: argparse.Namespace) -> int:
-    report = write_report(args.runs, args.out, command=" ".join(["lmdistill", "report", *args.runs, "-o", args.out]))
+    flags = (["--summary"] if args.summary else []) + [
+        x for flag, value in (("--teacher", args.teacher), ("--student-init", args.student_init)) if value
+        for x in (flag, value)]
+    report = write_report(args.runs, args.out, command=" ".join(["lmdistill", "report", *args.runs, "-o", args.out,
+                                                                 *flags]))
     print(f"report: {report.markdown}")
     for f in report.figures:
         print(f"figure: {f}")
