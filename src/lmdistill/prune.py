@@ -32,6 +32,7 @@ from transformers import AutoModelForCausalLM, PreTrainedModel, PreTrainedTokeni
 from lmdistill.config import ConfigError, PruneConfig, RunConfig
 from lmdistill.data import collate, encode_rows, load_rows
 from lmdistill.flops import count_parameters
+from lmdistill.io import atomic_write_text
 from lmdistill.models import load_model, load_tokenizer, save_model
 
 LAYOUTS = ("llama", "qwen2")
@@ -304,7 +305,7 @@ def prune_teacher(cfg: RunConfig, output: Path | None = None) -> PruneResult:
             "mlp": [[round(float(x), 6) for x in m] for m in importance.mlp] if p.intermediate_size else None,
         },
     }
-    (directory / PRUNE_JSON).write_text(json.dumps(summary, indent=1) + "\n")
+    atomic_write_text(directory / PRUNE_JSON, json.dumps(summary, indent=1) + "\n")  # reuse is keyed on it
     return PruneResult(directory, layers, pc.intermediate_size, pc.num_attention_heads, pc.num_key_value_heads,
                        n_before, n_after)
 
