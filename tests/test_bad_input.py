@@ -203,7 +203,7 @@ CASES: list[tuple[str, str, str]] = [
      "student.lora.target_modules: 'q_prj' matches no module of the student"),
     ("run-lora-on-the-head", RUN + " student.lora.rank=4 student.lora.target_modules=q_proj,lm_head",
      "'lm_head' is the output head lm_head"),
-    ("run-lora-rank-negative", RUN + " student.lora.rank=-1", "student.lora: rank must be >= 0, got -1"),
+    ("run-lora-rank-negative", RUN + " student.lora.rank=-1", "student.lora: rank must be >= 0 (0: off), got -1"),
     ("run-lora-teacher", RUN + " teacher.model.lora.rank=4", "teacher.model.lora: LoRA adapters are for the student"),
     # --- run: teachers
     ("run-kd-without-teacher", RUN + " " + KD, "method 'kd' needs a teacher that gives topk"),
