@@ -11,6 +11,7 @@ from __future__ import annotations
 import math
 import shutil
 import tempfile
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 
@@ -200,7 +201,9 @@ def add_lora(model: PreTrainedModel, lora: LoraConfig, *, seed: int = 0) -> torc
                              target_modules=ALL_LINEAR if not targets else list(targets),
                              modules_to_save=list(lora.modules_to_save) or None)
     try:
-        with torch.random.fork_rng(devices=[]):
+        with torch.random.fork_rng(devices=[]), warnings.catch_warnings():
+            # peft reads transformers' deprecated `is_gradient_checkpointing`: a warning about peft, not the run
+            warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing", category=FutureWarning)
             torch.manual_seed(seed)
             return peft.get_peft_model(model, config)
     except (ValueError, TypeError) as e:  # e.g. a target module of a type LoRA does not support

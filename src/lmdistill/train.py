@@ -22,6 +22,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from accelerate import Accelerator
+from accelerate.utils import DistributedType
 
 from tqdm.auto import tqdm
 from transformers import PreTrainedTokenizerBase
@@ -167,6 +168,9 @@ def setup(cfg: RunConfig) -> Run:
     accelerator = Accelerator(mixed_precision=_mixed_precision(t.mixed_precision), cpu=not torch.cuda.is_available())
     if accelerator.is_main_process:
         rundir.claim(cfg)  # another process's directory, or another config's, is refused before anything is written
+    if cfg.student.lora.rank and accelerator.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED):
+        raise ConfigError(f"student.lora under {accelerator.distributed_type.value} is not supported (its checkpoints "
+                          "and merged save are untested there): launch LoRA runs on one process or with DDP")
     if t.batch_size % (accelerator.num_processes * t.grad_accum):
         raise ConfigError(f"train.batch_size={t.batch_size} must be divisible by processes "
                           f"({accelerator.num_processes}) x train.grad_accum ({t.grad_accum})")
