@@ -199,6 +199,12 @@ CASES: list[tuple[str, str, str]] = [
     ("run-unknown-packaged-model", RUN + " student.path=pypi:nope", "unknown packaged model 'pypi:nope'"),
     ("run-init-from-teacher-without-one", RUN + " student.init_from=teacher", "student.init_from=teacher needs "
      "teacher.model.path"),
+    ("run-lora-target-matches-nothing", RUN + " student.lora.rank=4 student.lora.target_modules=q_prj",
+     "student.lora.target_modules: 'q_prj' matches no module of the student"),
+    ("run-lora-on-the-head", RUN + " student.lora.rank=4 student.lora.target_modules=q_proj,lm_head",
+     "'lm_head' is the output head lm_head"),
+    ("run-lora-rank-negative", RUN + " student.lora.rank=-1", "student.lora: rank must be >= 0 (0: off), got -1"),
+    ("run-lora-teacher", RUN + " teacher.model.lora.rank=4", "teacher.model.lora: LoRA adapters are for the student"),
     # --- run: teachers
     ("run-kd-without-teacher", RUN + " " + KD, "method 'kd' needs a teacher that gives topk"),
     ("run-kd-local-without-path", RUN + " " + KD + " teacher.kind=local", "teacher.kind=local needs teacher.model.path"),

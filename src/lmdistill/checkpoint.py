@@ -13,6 +13,10 @@ A checkpoint is a directory ``<run_dir>/checkpoints/step_<8 digits>/`` holding
   whose loader (``load_custom_state``) unpickles them in full, able to run code;
 - ``state.json``: the loop's counters (step, tokens, flops_*, skipped_nonfinite), written last.
 
+A prepared model's frozen parameters (a LoRA student's base) are left out of its weights file: they are
+what the run loads at its start, and a checkpoint of a LoRA run holds its adapters, modules_to_save and
+their optimizer state only. Loading such a file checks that it holds every other key of the model.
+
 Loading executes no code from the files: safetensors and JSON are data, and accelerate (1.15)
 reads the optimizer, RNG and GradScaler files, and a ``pytorch_model.bin`` in place of the
 safetensors, with ``accelerate.utils.load``: ``torch.load(weights_only=True)`` plus numpy's array
@@ -46,9 +50,9 @@ from typing import Any, Protocol
 import torch
 from accelerate import Accelerator
 from accelerate.utils import load as accelerate_load
-from accelerate.utils.constants import RNG_STATE_NAME
+from accelerate.utils.constants import RNG_STATE_NAME, SAFE_MODEL_NAME
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file, load_model, save_file
 
 from lmdistill.io import UserError, atomic_replace_dir, atomic_write_json, atomic_write_jsonl, atomic_write_text
 
@@ -111,7 +115,11 @@ def save(
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
     accelerator.wait_for_everyone()
-    accelerator.save_state(str(tmp), safe_serialization=True)
+    handle = accelerator.register_save_state_pre_hook(_drop_frozen)
+    try:
+        accelerator.save_state(str(tmp), safe_serialization=True)
+    finally:
+        handle.remove()
     trees = {name: obj.state_dict() for name, obj in objects.items()}
     if accelerator.is_main_process:
         for name, tree in trees.items():
@@ -139,10 +147,44 @@ def load(path: Path, accelerator: Accelerator, *, objects: dict[str, Stateful]) 
     # would then silently diverge: read it once here (weights_only, as accelerate does) so that it raises.
     rng = path / f"{RNG_STATE_NAME}_{accelerator.process_index}.pkl"
     _noting(rng, accelerate_load, rng)
-    _noting(path, accelerator.load_state, str(path))
+    handle = accelerator.register_load_state_pre_hook(_load_without_frozen)
+    try:
+        _noting(path, accelerator.load_state, str(path))
+    finally:
+        handle.remove()
     for name, obj in objects.items():
         _noting(path / f"{name}.json", lambda: obj.load_state_dict(read_tree(path, name)))
     return state
+
+
+def _frozen(model: torch.nn.Module) -> set[str]:
+    """State-dict names of `model`'s parameters that require no gradient (tied names each)."""
+    return {n for n, p in model.named_parameters(remove_duplicate=False) if not p.requires_grad}
+
+
+def _drop_frozen(models: list[torch.nn.Module], weights: list[dict], _output_dir: str) -> None:
+    """accelerate's save pre-hook: leave each model's frozen parameters out of the weights it writes (none are
+    listed under FSDP / DeepSpeed, which write their own files)."""
+    for model, state in zip(models, weights):
+        for name in _frozen(model) & state.keys():
+            del state[name]
+
+
+def _load_without_frozen(models: list[torch.nn.Module], input_dir: str) -> None:
+    """accelerate's load pre-hook: when a model has frozen parameters, load the models' weights files here,
+    requiring every key but the frozen ones, and take them off accelerate's list (which would require all).
+    Models without frozen parameters, or files other than safetensors, are left to accelerate."""
+    files = [Path(input_dir) / f"{SAFE_MODEL_NAME}{f'_{i}' if i else ''}.safetensors" for i in range(len(models))]
+    if not any(_frozen(m) for m in models) or not all(f.exists() for f in files):
+        return
+    for model, file in zip(models, files):
+        missing, unexpected = load_model(model, file, strict=False)
+        wrong = sorted(set(missing) - _frozen(model)) + sorted(unexpected)
+        if wrong:
+            more = f" and {len(wrong) - 3} more" if len(wrong) > 3 else ""
+            raise RuntimeError(f"{file.name} does not fit the model: {', '.join(wrong[:3])}{more} missing or "
+                               "unexpected")
+    models.clear()
 
 
 def resume(run_dir: Path, accelerator: Accelerator, *, objects: dict[str, Stateful]) -> dict | None:

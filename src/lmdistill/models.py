@@ -2,7 +2,8 @@
 
 A model comes from a local Hugging Face directory, a GGUF file (through transformers'
 ``gguf_file=``), or is built new from Llama sizes. Nothing is ever fetched from a hub: loading
-runs with ``local_files_only=True``.
+runs with ``local_files_only=True``. A student with ``lora.rank`` > 0 is wrapped in LoRA adapters
+(peft, :func:`add_lora`) as it is loaded, and saved as adapter + merged model (:func:`save_lora`).
 """
 
 from __future__ import annotations
@@ -10,6 +11,8 @@ from __future__ import annotations
 import math
 import shutil
 import tempfile
+import warnings
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -23,7 +26,7 @@ from transformers import (
 )
 
 from lmdistill import pretrained
-from lmdistill.config import ModelConfig
+from lmdistill.config import ConfigError, LoraConfig, ModelConfig
 from lmdistill.flops import count_parameters  # noqa: F401  (part of the models API)
 from lmdistill.io import atomic_replace_dir
 
@@ -125,22 +128,101 @@ def new_model_config(spec: ModelConfig, vocab_size: int, tokenizer: PreTrainedTo
 def load_model(
     spec: ModelConfig, tokenizer: PreTrainedTokenizerFast | None = None, *, seed: int = 0
 ) -> PreTrainedModel:
-    """Load (or build) the model of a spec, in training mode for new models and eval mode otherwise."""
+    """Load (or build) the model of a spec, in training mode for new models and eval mode otherwise;
+    with ``spec.lora.rank`` > 0 wrapped in LoRA adapters (:func:`add_lora`, drawn from `seed`)."""
     if spec.path is None:
         tokenizer = tokenizer or load_tokenizer(spec)
         config = new_model_config(spec, len(tokenizer), tokenizer)
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
             model = LlamaForCausalLM(config)
-        return model.to(_DTYPES.get(spec.dtype, torch.float32))
-    _require_path(spec)
-    directory, gguf = _gguf_location(spec)
-    kwargs: dict = {"local_files_only": True}
-    if gguf:
-        kwargs["gguf_file"] = gguf
-    kwargs["dtype"] = "auto" if spec.dtype == "auto" else _DTYPES[spec.dtype]
-    model = AutoModelForCausalLM.from_pretrained(directory, **kwargs)
-    return model
+        model = model.to(_DTYPES.get(spec.dtype, torch.float32))
+    else:
+        _require_path(spec)
+        directory, gguf = _gguf_location(spec)
+        kwargs: dict = {"local_files_only": True}
+        if gguf:
+            kwargs["gguf_file"] = gguf
+        kwargs["dtype"] = "auto" if spec.dtype == "auto" else _DTYPES[spec.dtype]
+        model = AutoModelForCausalLM.from_pretrained(directory, **kwargs)
+    return add_lora(model, spec.lora, seed=seed) if spec.lora.rank else model
+
+
+ALL_LINEAR = "all-linear"
+"""peft's target_modules shorthand: every linear layer but the output head."""
+
+
+def _matches(name: str | None, keys: list[str]) -> bool:
+    """Whether module `name` is what one of the target_modules / modules_to_save `keys` names (peft's rule for
+    a list: the whole name or its last dotted parts)."""
+    return name is not None and any(name == key or name.endswith("." + key) for key in keys)
+
+
+def _module_name(model: torch.nn.Module, module: torch.nn.Module | None) -> str | None:
+    return next((n for n, m in model.named_modules() if m is module), None) if module is not None else None
+
+
+def add_lora(model: PreTrainedModel, lora: LoraConfig, *, seed: int = 0) -> torch.nn.Module:
+    """`model` wrapped in LoRA adapters (a peft ``PeftModelForCausalLM``): every ``lora.target_modules`` layer
+    gets W + (alpha / rank)·B·A with A (rank, in) drawn from `seed` (the global RNG is left alone) and B = 0, so
+    the wrapped model computes what `model` did; only the adapters and ``lora.modules_to_save`` are trainable.
+
+    Refused with a :class:`ConfigError` naming the key: a name that matches no module of the model, and the
+    output head in target_modules (the chunked loss applies the head's weight itself and would skip its
+    adapter; train the head in full with modules_to_save). A head tied to the input embedding is untied
+    (given its own copy) when either of them is in modules_to_save or the embedding gets an adapter: trained
+    apart, they could not stay one tensor, and the merged model keeps both.
+    """
+    try:
+        import peft
+    except ImportError:
+        raise ConfigError("student.lora.rank > 0 needs peft: pip install 'lmdistill[lora]'") from None
+    names = [n for n, _ in model.named_modules() if n]
+    targets = [] if lora.target_modules == [ALL_LINEAR] else lora.target_modules
+    for key, wanted in (("target_modules", targets), ("modules_to_save", lora.modules_to_save)):
+        for w in wanted:
+            if not any(_matches(n, [w]) for n in names):
+                layers = sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules()
+                                 if isinstance(m, (torch.nn.Linear, torch.nn.Embedding))})
+                raise ConfigError(f"student.lora.{key}: {w!r} matches no module of the student (its linear and "
+                                  f"embedding layers: {', '.join(layers)})")
+    head, emb = model.get_output_embeddings(), model.get_input_embeddings()
+    head_name, emb_name = _module_name(model, head), _module_name(model, emb)
+    for w in targets:
+        if _matches(head_name, [w]):
+            raise ConfigError(f"student.lora.target_modules: {w!r} is the output head {head_name}, which takes no "
+                              f"adapter here (the chunked loss applies its weight directly); train it in full "
+                              f"with student.lora.modules_to_save=[{head_name}]")
+    apart = _matches(head_name, lora.modules_to_save) or _matches(emb_name, [*lora.modules_to_save, *targets])
+    if head is not None and emb is not None and head.weight is emb.weight and apart:
+        head.weight = torch.nn.Parameter(head.weight.detach().clone())
+        model.config.tie_word_embeddings = False
+    config = peft.LoraConfig(r=lora.rank, lora_alpha=lora.alpha, lora_dropout=lora.dropout, task_type="CAUSAL_LM",
+                             target_modules=ALL_LINEAR if not targets else list(targets),
+                             modules_to_save=list(lora.modules_to_save) or None)
+    try:
+        with torch.random.fork_rng(devices=[]), warnings.catch_warnings():
+            # peft reads transformers' deprecated `is_gradient_checkpointing`: a warning about peft, not the run
+            warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing", category=FutureWarning)
+            torch.manual_seed(seed)
+            return peft.get_peft_model(model, config)
+    except (ValueError, TypeError) as e:  # e.g. a target module of a type LoRA does not support
+        raise ConfigError(f"student.lora: {str(e).splitlines()[0]}") from None
+
+
+def is_lora(model: torch.nn.Module) -> bool:
+    """Whether `model` (unwrapped from DDP) is a peft model (:func:`add_lora`)."""
+    try:
+        from peft import PeftModel
+    except ImportError:
+        return False
+    return isinstance(model, PeftModel)
+
+
+def inner_model(model: torch.nn.Module) -> torch.nn.Module:
+    """The transformers model that every call of `model` runs, generation included: a peft model's wrapped
+    model (its ``generate`` bypasses its own forward), else `model` itself. Hook forwards (FLOPs) here."""
+    return model.get_base_model() if is_lora(model) else model
 
 
 def causal_logits(model: torch.nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor,
@@ -178,12 +260,27 @@ def save_model(model: PreTrainedModel, tokenizer: PreTrainedTokenizerFast, direc
     `state_dict`: the weights to write, when the model's own are sharded (FSDP / ZeRO-3 gather them
     with ``accelerator.get_state_dict``); default: the model's.
     """
+    _write_dir(directory, lambda tmp: (model.save_pretrained(tmp, state_dict=state_dict, safe_serialization=True),
+                                       tokenizer.save_pretrained(tmp)))
+
+
+def save_lora(model: torch.nn.Module, tokenizer: PreTrainedTokenizerFast, model_dir: Path, adapter_dir: Path) -> None:
+    """Save a LoRA student (:func:`add_lora`): the peft adapter directory (adapter_config.json,
+    adapter_model.safetensors with the adapters and modules_to_save, the tokenizer) to `adapter_dir`, and the
+    merged model (every adapter folded into its base weight; a plain transformers model) to `model_dir`, each
+    atomically. The merge is in place: `model`'s base holds the merged weights afterwards."""
+    _write_dir(adapter_dir, lambda tmp: (model.save_pretrained(tmp, safe_serialization=True),
+                                         tokenizer.save_pretrained(tmp)))
+    save_model(model.merge_and_unload(), tokenizer, model_dir)
+
+
+def _write_dir(directory: Path, write: Callable[[Path], object]) -> None:
+    """`write(tmp)` into a temporary sibling of `directory`, then move it into place (replacing an older one)."""
     directory = Path(directory)
     directory.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=directory.parent, prefix=f".{directory.name}."))
     try:
-        model.save_pretrained(tmp, state_dict=state_dict, safe_serialization=True)
-        tokenizer.save_pretrained(tmp)
+        write(tmp)
         atomic_replace_dir(tmp, directory)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)

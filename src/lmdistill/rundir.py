@@ -6,6 +6,7 @@ A run directory holds:
 - ``metrics.jsonl``: the training log, one JSON object a line (cumulative ``flops``, ``eval_*``);
 - ``train_summary.json``: written last by ``fit``, so its presence means the run finished;
 - ``model/``: the final model (a Hugging Face directory);
+- ``adapter/``: a LoRA student's peft adapter (``student.lora``; ``model/`` is then the merged model);
 - ``eval.json``: the evaluation (``lmdistill eval``);
 - ``.lock``: locked (``flock``) by the one process that trains in the directory, for that
   process's whole life (:func:`claim`); it holds that process's id.
@@ -34,6 +35,7 @@ METRICS = "metrics.jsonl"
 SUMMARY = "train_summary.json"
 EVAL = "eval.json"
 MODEL = "model"
+ADAPTER = "adapter"
 LOCK = ".lock"
 
 

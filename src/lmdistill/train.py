@@ -22,6 +22,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from accelerate import Accelerator
+from accelerate.utils import DistributedType
 
 from tqdm.auto import tqdm
 from transformers import PreTrainedTokenizerBase
@@ -36,7 +37,7 @@ from lmdistill.heldout import TokenStats, heldout_stats
 from lmdistill.io import UserError, atomic_write_json
 from lmdistill.methods import METHODS, Method, RunContext, make_method, method_rows
 from lmdistill.methods.base import ROWS, Batch, Term, term_units
-from lmdistill.models import load_model, load_tokenizer, save_model
+from lmdistill.models import inner_model, is_lora, load_model, load_tokenizer, save_lora, save_model
 from lmdistill.prune import student_init
 from lmdistill.teachers import check_needs
 from lmdistill.teachers.cache import HOW_TO_BUILD, CachedTeacher, CacheMiss
@@ -167,6 +168,9 @@ def setup(cfg: RunConfig) -> Run:
     accelerator = Accelerator(mixed_precision=_mixed_precision(t.mixed_precision), cpu=not torch.cuda.is_available())
     if accelerator.is_main_process:
         rundir.claim(cfg)  # another process's directory, or another config's, is refused before anything is written
+    if cfg.student.lora.rank and accelerator.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED):
+        raise ConfigError(f"student.lora under {accelerator.distributed_type.value} is not supported (its checkpoints "
+                          "and merged save are untested there): launch LoRA runs on one process or with DDP")
     if t.batch_size % (accelerator.num_processes * t.grad_accum):
         raise ConfigError(f"train.batch_size={t.batch_size} must be divisible by processes "
                           f"({accelerator.num_processes}) x train.grad_accum ({t.grad_accum})")
@@ -182,6 +186,8 @@ def setup(cfg: RunConfig) -> Run:
     check_needs(cfg.method.name, method_cls.teacher_needs(cfg.method), teacher)
     if isinstance(teacher, CachedTeacher):
         check_cache_holds(teacher, train_set, train_rows)
+    # The student too, when it needs nothing written first: a bad student.lora key stops the run here.
+    model = None if cfg.student.init_from else load_model(cfg.student, tokenizer, seed=t.seed)
     if accelerator.is_main_process:
         rundir.claim(cfg, create=True)
         if not t.resume:
@@ -191,11 +197,11 @@ def setup(cfg: RunConfig) -> Run:
             student_init(cfg)
     accelerator.wait_for_everyone()
 
-    student = replace(cfg.student, path=str(cfg.run_dir / "student_init")) if cfg.student.init_from else cfg.student
-    model = load_model(student, tokenizer, seed=t.seed)
+    if model is None:
+        model = load_model(replace(cfg.student, path=str(cfg.run_dir / "student_init")), tokenizer, seed=t.seed)
     model.train()
     ctx = RunContext(cfg=cfg, tokenizer=tokenizer, accelerator=accelerator, teacher=teacher)
-    for module in [model, *(teacher.modules() if teacher is not None else [])]:
+    for module in [inner_model(model), *(teacher.modules() if teacher is not None else [])]:
         ctx.flops.attach(module)
     method = make_method(cfg.method, ctx)
     extras = method.extra_modules(model)  # trained with the student, checkpointed, not saved with it
@@ -231,7 +237,8 @@ def set_aside_previous_run(run_dir: Path) -> None:
     """train.resume=false: move what an earlier run left in `run_dir` (checkpoints, model, log, summary,
     evaluation) into ``run_dir/previous/``, replacing an older one there, so that the new run neither
     resumes nor prunes the old run's checkpoints. Says so when there was something to move."""
-    names = [checkpoint.CHECKPOINTS, rundir.MODEL, rundir.METRICS, rundir.SUMMARY, rundir.EVAL, "tensorboard"]
+    names = [checkpoint.CHECKPOINTS, rundir.MODEL, rundir.ADAPTER, rundir.METRICS, rundir.SUMMARY, rundir.EVAL,
+             "tensorboard"]
     found = [n for n in names if (run_dir / n).exists()]
     if not found:
         return
@@ -409,9 +416,14 @@ def fit(cfg: RunConfig, *, stop_after: int | None = None, progress: bool = True)
     bar.close()
     if writer is not None:
         writer.close()
-    weights = acc.get_state_dict(model)  # gathered on every process under FSDP / ZeRO-3
+    student = acc.unwrap_model(model)
+    lora = is_lora(student)
+    weights = None if lora else acc.get_state_dict(model)  # gathered on every process under FSDP / ZeRO-3
     if acc.is_main_process:
-        save_model(acc.unwrap_model(model), run.tokenizer, cfg.run_dir / rundir.MODEL, state_dict=weights)
+        if lora:  # the adapter, and the merged model in model/
+            save_lora(student, run.tokenizer, cfg.run_dir / rundir.MODEL, cfg.run_dir / rundir.ADAPTER)
+        else:
+            save_model(student, run.tokenizer, cfg.run_dir / rundir.MODEL, state_dict=weights)
         atomic_write_json(cfg.run_dir / rundir.SUMMARY, {"config": to_dict(cfg), "final": json.loads(json_row(last)),
                                                          "params": run.n_params})
     acc.wait_for_everyone()

@@ -20,6 +20,7 @@ from lmdistill.config.load import load_config, save_config, to_dict
 from lmdistill.config.run import (
     DataConfig,
     EvalConfig,
+    LoraConfig,
     MethodConfig,
     MixtureMember,
     ModelConfig,
@@ -34,6 +35,7 @@ __all__ = [
     "DataConfig",
     "ElicitConfig",
     "EvalConfig",
+    "LoraConfig",
     "MethodConfig",
     "MethodConfigs",
     "MixtureMember",

@@ -14,6 +14,39 @@ from lmdistill.config.errors import ConfigError
 
 
 @dataclass
+class LoraConfig:
+    """LoRA adapters (through peft) trained in place of the student's weights: off while `rank` is 0.
+
+    The merged student goes to <run_dir>/model/, the adapter to <run_dir>/adapter/; checkpoints keep the
+    trained parameters (adapters, `modules_to_save`) and the optimizer, not the frozen base."""
+
+    rank: int = 0
+    """Rank r of every adapter; 0: no LoRA (every weight of the student is trained)."""
+    alpha: float = 16.0
+    """LoRA alpha: an adapter adds (alpha / rank)·B·A to its layer's weight."""
+    dropout: float = 0.0
+    """Dropout on each adapter's input."""
+    target_modules: list[str] = field(default_factory=lambda: ["all-linear"])
+    """Module names (or name suffixes, e.g. q_proj) that get adapters; `all-linear`: every linear layer but the output head (peft's shorthand). The output head itself is refused: train it fully with `modules_to_save`."""
+    modules_to_save: list[str] = field(default_factory=list)
+    """Modules trained in full beside the adapters and saved in the adapter, e.g. lm_head (a head tied to the input embedding is untied first: the saved model then has its own head)."""
+
+    def __post_init__(self) -> None:
+        if self.rank < 0:
+            raise ValueError(f"rank must be >= 0 (0: off), got {self.rank}")
+        if not (self.alpha > 0 and math.isfinite(self.alpha)):
+            raise ValueError(f"alpha must be a number > 0, got {self.alpha}")
+        if not 0 <= self.dropout < 1:
+            raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
+        if self.rank and not self.target_modules:
+            raise ValueError("target_modules is empty: name the modules that get adapters (or all-linear)")
+        if "all-linear" in self.target_modules and len(self.target_modules) > 1:
+            raise ValueError(f"target_modules: all-linear stands alone, got {self.target_modules}")
+        if self.modules_to_save and not self.rank:
+            raise ValueError("modules_to_save needs rank > 0 (without LoRA every module is trained)")
+
+
+@dataclass
 class ModelConfig:
     """Where a model comes from: a local Hugging Face directory, a GGUF file, or built from sizes."""
 
@@ -37,6 +70,8 @@ class ModelConfig:
     """Weights' dtype when loading."""
     init_from: Literal["teacher"] | None = None
     """Student only. `teacher`: start from the teacher's weights cut by the `prune` section (written once to <run_dir>/student_init/ and reused); the tokenizer defaults to the teacher's."""
+    lora: LoraConfig = field(default_factory=LoraConfig)
+    """Student only: train LoRA adapters instead of every weight (peft; off while lora.rank is 0)."""
 
 
 def _is_http_url(url: str) -> bool:
@@ -361,6 +396,8 @@ class RunConfig:
     def __post_init__(self) -> None:
         if self.teacher.model.init_from:
             raise ConfigError("teacher.model.init_from: only the student is initialised from the teacher")
+        if self.teacher.model.lora.rank:
+            raise ConfigError("teacher.model.lora: LoRA adapters are for the student only (student.lora)")
         if self.student.init_from == "teacher":
             if self.teacher.model.path is None:
                 raise ConfigError("student.init_from=teacher needs teacher.model.path (the model to prune)")

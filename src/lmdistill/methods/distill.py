@@ -8,7 +8,7 @@ from typing import Literal
 import torch
 
 from lmdistill.config import ConfigError, MethodConfig
-from lmdistill.flops import head_parameters
+from lmdistill.flops import head_parameters, train_cost
 from lmdistill.losses import (
     LOSSES,
     TopK,
@@ -136,7 +136,8 @@ class KD(Method):
             return None
         mask = prediction_mask(labels)
         # The head runs here, outside the metered forward, on the masked positions only.
-        self.ctx.flops.add("train", 6.0 * head_parameters(head), mask.sum())
+        per_token = train_cost(head_parameters(head), head_parameters(head, trainable=True))  # 6·|head| when trained
+        self.ctx.flops.add("train", per_token, mask.sum())
         args = (out.hidden_states[-1][:, window], head.weight, head.bias, teacher, mask)
         options = dict(name=cfg.divergence, reduction="sum", temperature=cfg.temperature,
                        chunk_size=cfg.chunk_size or None,
