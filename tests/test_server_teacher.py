@@ -256,6 +256,8 @@ def test_exact_echo_server_scores_equal_local(tiny_teacher, accept_ids):
         assert teacher.capability == Capability.TOPK
         assert teacher.features["prompt_ids"] is accept_ids
         assert teacher.features["echo"] == "exact" and teacher.features["echo_top"] is True
+        # Asked first for vLLM's prompt_logprobs, which this server does not give: the echo dialect.
+        assert teacher.features["dialect"] == "echo" and teacher.features["prompt_logprobs"] is False
         served = teacher.score(ids, mask)
         k = 3
         served_topk = teacher.topk(ids, mask, k)
@@ -348,6 +350,7 @@ def test_probe_finds_topk_with_llama_cpp_quirks(served):
     # llama-cpp-python's server takes text prompts only, and aligns echoed log-probs after a leading BOS.
     features = served.features
     assert features["prompt_ids"] is False and features["echo"] == "after_bos" and features["echo_top"] is True
+    assert features["dialect"] == "echo" and features["prompt_logprobs"] is False  # not vLLM's prompt_logprobs
     assert features["echo_checks"]["exact"] == [False, False]  # off by one without a leading BOS
     assert "capability=topk" in repr(served)
 

@@ -1,11 +1,18 @@
-"""What a server gives, found once by asking it: text only, or token / top-k scores of given sequences.
+"""What a server gives, found once by asking it: text only, or token / top-k scores of given sequences,
+and in which dialect.
 
-TOPK/TOKEN needs echo + log-probs of a prompt that are *aligned*: the probe asks for the greedy next
-tokens ``g`` of a prompt, then scores ``prompt + g`` and requires the echoed log-prob of each ``g`` to
-equal the one generation reported (within :data:`ALIGN_TOL`). llama-cpp-python 0.3.36 (its server
-accepts only text prompts) passes only when the sequence starts with the BOS token: it drops a
-leading BOS and pairs every other token with the right prediction, but with no leading BOS it pairs
-token t with the prediction *for* t + 1 (off by one); see :mod:`.scoring` for what follows.
+TOPK/TOKEN needs log-probs of a prompt that are *aligned*: the probe asks for the greedy next tokens
+``g`` of a prompt, then scores ``prompt + g`` and requires the prompt log-prob of each ``g`` to equal
+the one generation reported (within :data:`ALIGN_TOL`). Two dialects are tried, in this order:
+vLLM's ``prompt_logprobs`` on a prompt of token ids (:mod:`.prompt_logprobs`; ids in and out, top-k
+always), then echo + log-probs (:mod:`.scoring`; llama.cpp, the OpenAI API). The first whose every
+conclusive check is aligned is the server's dialect (``features["dialect"]``: ``"vllm"``,
+``"echo"``, or None).
+
+In the echo dialect, llama-cpp-python 0.3.36 (its server accepts only text prompts) passes only when
+the sequence starts with the BOS token: it drops a leading BOS and pairs every other token with the
+right prediction, but with no leading BOS it pairs token t with the prediction *for* t + 1 (off by
+one); see :mod:`.scoring` for what follows.
 """
 
 from __future__ import annotations
@@ -16,9 +23,16 @@ from typing import Any
 from transformers import PreTrainedTokenizerBase
 
 from lmdistill.teachers.base import Capability
+from lmdistill.teachers.server.prompt_logprobs import PromptLogprobs, generated, prompt_entries, request
 from lmdistill.teachers.server.scoring import Echo, completion_entries, echoed_positions
-from lmdistill.teachers.server.tokens import TokenMap, decode, encode
-from lmdistill.teachers.server.transport import ServerAuthError, ServerError, ServerUnavailable, Transport
+from lmdistill.teachers.server.tokens import TOKEN_ID, TokenMap, decode, encode
+from lmdistill.teachers.server.transport import (
+    ServerAuthError,
+    ServerError,
+    ServerResponseError,
+    ServerUnavailable,
+    Transport,
+)
 
 log = logging.getLogger(__name__)
 
@@ -31,8 +45,8 @@ PROBE_TEXTS = ("The capital of France is", "1, 2, 3, 4, 5, 6,")
 
 
 def probe(transport: Transport, model: str, tokenizer: PreTrainedTokenizerBase | None,
-          token_map: TokenMap | None) -> tuple[Capability, dict[str, Any], Echo | None]:
-    """(capability, features found, how the server echoes or None) of the server behind `transport`.
+          token_map: TokenMap | None) -> tuple[Capability, dict[str, Any], PromptLogprobs | Echo | None]:
+    """(capability, features found, the dialect it scores prompts in or None) of the server behind `transport`.
 
     Without a tokenizer a server gives TEXT at most. Raises :class:`ServerUnavailable` when the
     server cannot be reached (after the retries), :class:`ServerAuthError` when it refuses the API key
@@ -44,34 +58,94 @@ def probe(transport: Transport, model: str, tokenizer: PreTrainedTokenizerBase |
         raise
     except ServerError:
         pass  # answers, without a model list: fine
-    features: dict[str, Any] = {"logprobs": False, "prompt_ids": False, "echo": None, "echo_top": False}
-    text = PROBE_TEXTS[0]
-    gen = _try(transport, model, {"prompt": text, "max_tokens": 1, "temperature": 0.0, "logprobs": 2})
+    features: dict[str, Any] = {"logprobs": False, "dialect": None, "prompt_logprobs": False, "token_ids": False,
+                                "prompt_ids": False, "echo": None, "echo_top": False}
+    gen = _try(transport, model, {"prompt": PROBE_TEXTS[0], "max_tokens": 1, "temperature": 0.0, "logprobs": 2})
     features["logprobs"] = bool(gen and completion_entries(gen)[0])
-    cap, echo = Capability.TEXT, None
+    cap, dialect = Capability.TEXT, None
     if tokenizer is not None and token_map is not None and features["logprobs"]:
-        ids = encode(tokenizer, text)
-        # No retries: llama-cpp-python answers a list of ids with HTTP 500 (a validation error).
-        ok = _try(transport, model, {"prompt": ids, "max_tokens": 1, "temperature": 0.0, "logprobs": 1, "echo": True},
-                  retries=0)
-        features["prompt_ids"] = bool(ok and len(completion_entries(ok)[0]) >= len(ids))
-        bos = tokenizer.bos_token_id
-        variants = [("exact", [])] + ([("after_bos", [bos])] if bos is not None else [])
-        features["echo_checks"] = {}
-        for mode, prefix in variants:
-            found = [_echo_aligned(transport, model, tokenizer, token_map, prefix + encode(tokenizer, t),
-                                   features["prompt_ids"], mode) for t in PROBE_TEXTS]
-            features["echo_checks"][mode] = found
-            conclusive = [f for f in found if f is not None]  # None: the probe text did not decide
-            if conclusive and all(conclusive):
-                features["echo"] = mode
-                features["echo_top"] = all(v == "top" for v in conclusive)
-                break
-        if features["echo"]:
+        dialect = (_probe_prompt_logprobs(transport, model, tokenizer, token_map, features)
+                   or _probe_echo(transport, model, tokenizer, token_map, features))
+        if isinstance(dialect, PromptLogprobs):
+            cap = Capability.TOPK
+        elif isinstance(dialect, Echo):
             cap = Capability.TOPK if features["echo_top"] else Capability.TOKEN
-            echo = Echo(mode=features["echo"], prompt_ids=features["prompt_ids"])
     log.info("probed %s: %s %s", transport.base_url, cap, features)
-    return cap, features, echo
+    return cap, features, dialect
+
+
+def _probe_echo(transport: Transport, model: str, tokenizer: PreTrainedTokenizerBase, token_map: TokenMap,
+                features: dict[str, Any]) -> Echo | None:
+    """The echo dialect, if the server echoes aligned; sets ``prompt_ids``, ``echo``, ``echo_top`` and
+    ``echo_checks`` in `features`."""
+    ids = encode(tokenizer, PROBE_TEXTS[0])
+    # No retries: llama-cpp-python answers a list of ids with HTTP 500 (a validation error).
+    ok = _try(transport, model, {"prompt": ids, "max_tokens": 1, "temperature": 0.0, "logprobs": 1, "echo": True},
+              retries=0)
+    features["prompt_ids"] = bool(ok and len(completion_entries(ok)[0]) >= len(ids))
+    bos = tokenizer.bos_token_id
+    variants = [("exact", [])] + ([("after_bos", [bos])] if bos is not None else [])
+    features["echo_checks"] = {}
+    for mode, prefix in variants:
+        found = [_echo_aligned(transport, model, tokenizer, token_map, prefix + encode(tokenizer, t),
+                               features["prompt_ids"], mode) for t in PROBE_TEXTS]
+        features["echo_checks"][mode] = found
+        conclusive = [f for f in found if f is not None]  # None: the probe text did not decide
+        if conclusive and all(conclusive):
+            features.update(dialect="echo", echo=mode, echo_top=all(v == "top" for v in conclusive))
+            return Echo(mode=mode, prompt_ids=features["prompt_ids"])
+    return None
+
+
+def _probe_prompt_logprobs(transport: Transport, model: str, tokenizer: PreTrainedTokenizerBase, token_map: TokenMap,
+                           features: dict[str, Any]) -> PromptLogprobs | None:
+    """vLLM's dialect, if the server speaks it aligned; sets ``prompt_logprobs``, ``token_ids`` and
+    ``prompt_logprobs_checks`` in `features`."""
+    ids = encode(tokenizer, PROBE_TEXTS[0])
+    # No retries: llama-cpp-python answers a list of ids with HTTP 500 (a validation error).
+    first = _try(transport, model, request(ids, k=1), retries=0)
+    if not first:
+        return None
+    try:
+        prompt_entries(first, len(ids), len(tokenizer), transport.base_url)
+        tokens = generated(first, token_map, transport.base_url)[0]
+    except ServerResponseError:
+        return None  # no prompt_logprobs of this prompt: not vLLM's dialect (the echo probe tells the rest)
+    raw_tokens = first["choices"][0]["logprobs"]["tokens"] if tokens else []
+    features["prompt_logprobs"] = True
+    features["token_ids"] = bool(raw_tokens) and all(TOKEN_ID.fullmatch(str(t)) for t in raw_tokens)
+    found = [_prompt_logprobs_aligned(transport, model, tokenizer, token_map, encode(tokenizer, t))
+             for t in PROBE_TEXTS]
+    features["prompt_logprobs_checks"] = found
+    conclusive = [f for f in found if f is not None]
+    if not (conclusive and all(conclusive)):
+        return None
+    features.update(dialect="vllm", prompt_ids=True)
+    return PromptLogprobs(token_ids=features["token_ids"])
+
+
+def _prompt_logprobs_aligned(transport: Transport, model: str, tokenizer: PreTrainedTokenizerBase,
+                             token_map: TokenMap, ids: list[int], n: int = 3) -> bool | None:
+    """Whether ``prompt_logprobs`` of ``ids + g`` give the greedy tokens g the log-probs generation gave
+    them (all within ``ALIGN_TOL``). None when this prompt cannot decide (no log-probs, an unread token)."""
+    gen = _try(transport, model, request(ids, k=1, max_tokens=n))
+    if not gen:
+        return False
+    try:
+        new, lps, _ = generated(gen, token_map, transport.base_url)
+    except ServerResponseError:
+        return False
+    if not new or None in new or None in lps:
+        return None
+    scored = _try(transport, model, request(ids + new, k=1))
+    if not scored:
+        return False
+    try:
+        entries = prompt_entries(scored, len(ids) + len(new), len(tokenizer), transport.base_url)
+    except ServerResponseError:
+        return False
+    echoed = [entries[len(ids) + i].get(g) for i, g in enumerate(new)]
+    return all(e is not None and abs(e[0] - g) <= ALIGN_TOL for e, g in zip(echoed, lps))
 
 
 def _echo_aligned(transport: Transport, model: str, tokenizer: PreTrainedTokenizerBase, token_map: TokenMap,

@@ -1,10 +1,15 @@
-"""Scoring a given sequence through ``/completions`` with ``echo: true, logprobs: k, max_tokens: 1``.
+"""Scoring a given sequence through ``/completions``: what both dialects share, and the echo dialect.
 
-The prompt's own log-probs come back with the one generated token (``max_tokens: 0`` makes
-llama-cpp-python generate to the end of its context). The sequence is sent as a list of token
-ids when the server accepts that (vLLM does), so positions align exactly; otherwise as the decoded
-text, and the server's echoed tokens are checked against ours, position by position
-(:class:`ScoreAlignmentError` if the server tokenised the text differently).
+:class:`Scorer` turns rows of (position, log-prob) and (position, top-k) into the (B, T) scores and
+(B, T, k) top-k of the teacher protocol; a dialect supplies :meth:`Scorer.one`, one sequence's
+request and the reading of its answer. vLLM's dialect (``prompt_logprobs``) is in
+:mod:`.prompt_logprobs`; the echo dialect (llama.cpp, the OpenAI API) is here.
+
+Echo: ``echo: true, logprobs: k, max_tokens: 1``. The prompt's own log-probs come back with the one
+generated token (``max_tokens: 0`` makes llama-cpp-python generate to the end of its context). The
+sequence is sent as a list of token ids when the server accepts that, so positions align exactly;
+otherwise as the decoded text, and the server's echoed tokens are checked against ours, position by
+position (:class:`ScoreAlignmentError` if the server tokenised the text differently).
 
 How a server echoes (:class:`Echo`) is found by the probe (:mod:`.probe`): ``exact`` pairs echoed
 token t with log p(t | tokens before t); ``after_bos`` is llama-cpp-python 0.3.36's reading, right
@@ -60,21 +65,21 @@ class Echo:
 
 
 @dataclass
-class EchoRow:
-    """What one echo request gave, at positions of the (B, T) batch."""
+class Row:
+    """What the server gave for one sequence, at positions of the (B, T) batch."""
 
     scores: list[tuple[int, float]] = field(default_factory=list)
     """(position t, log p(token t | tokens before t))"""
-    tops: list[tuple[int, list[tuple[str, float]]]] = field(default_factory=list)
-    """(position t, the server's (string, log-prob) pairs for the token after t)"""
+    tops: list[tuple[int, list[tuple[int | None, float]]]] = field(default_factory=list)
+    """(position t, the server's (id, log-prob) pairs for the token after t; id None: a string with no id)"""
 
 
 class Scorer:
-    """Scores and top-k of given sequences from a server's echo (module docstring)."""
+    """Scores and top-k of given sequences from a server; a dialect implements :meth:`one` (module docstring)."""
 
-    def __init__(self, transport: Transport, model: str, tokenizer: PreTrainedTokenizerBase, token_map: TokenMap,
-                 echo: Echo) -> None:
-        self.transport, self.model, self.tokenizer, self.token_map, self.echo = transport, model, tokenizer, token_map, echo
+    def __init__(self, transport: Transport, model: str, tokenizer: PreTrainedTokenizerBase,
+                 token_map: TokenMap) -> None:
+        self.transport, self.model, self.tokenizer, self.token_map = transport, model, tokenizer, token_map
 
     def score(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         """(B, T) log-prob of each token given its prefix; position 0 and padding 0, unscored positions NaN."""
@@ -85,20 +90,21 @@ class Scorer:
         return out.to(input_ids.device)
 
     def topk(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, k: int) -> TopK:
-        """Top-k (B, T, k) of the next token at every position; rows not given filled by :meth:`TokenMap.topk_row`."""
+        """Top-k (B, T, k) of the next token at every position; rows not given are filled by
+        :meth:`TokenMap.topk_ids_row`."""
         B, T = input_ids.shape
         rows = self.rows(input_ids, attention_mask, k=k)
-        fill_ids, fill_lps = self.token_map.topk_row([], k)
+        fill_ids, fill_lps = self.token_map.topk_ids_row([], k)
         ids = torch.tensor(fill_ids, dtype=torch.long).repeat(B, T, 1)  # (B, T, k)
         lps = torch.tensor(fill_lps, dtype=torch.float32).repeat(B, T, 1)  # (B, T, k)
         for b, row in enumerate(rows):
             for t, top in row.tops:
-                row_ids, row_lps = self.token_map.topk_row(top, k)
+                row_ids, row_lps = self.token_map.topk_ids_row(top, k)
                 ids[b, t], lps[b, t] = torch.tensor(row_ids), torch.tensor(row_lps)
         return TopK(ids=ids.to(input_ids.device), logprobs=lps.to(input_ids.device))
 
-    def rows(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, k: int) -> list[EchoRow]:
-        """One echo request per row (concurrently), mapped back to positions of the (B, T) batch."""
+    def rows(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, k: int) -> list[Row]:
+        """One request per row (concurrently), mapped back to positions of the (B, T) batch."""
         if input_ids.shape != attention_mask.shape or input_ids.dim() != 2:
             raise ValueError(f"input_ids {tuple(input_ids.shape)} and attention_mask must both be (B, T)")
         rows = []
@@ -107,9 +113,21 @@ class Scorer:
             rows.append((where, input_ids[b, where].tolist()))
         return self.transport.map(lambda row: self.one(row[0], row[1], k), rows)
 
-    def one(self, where: list[int], ids: list[int], k: int) -> EchoRow:
-        """Score one sequence `ids` found at batch positions `where`."""
-        row = EchoRow()
+    def one(self, where: list[int], ids: list[int], k: int) -> Row:
+        """Score one sequence `ids` found at batch positions `where`, with the server's top-k (k >= 1)."""
+        raise NotImplementedError
+
+
+class EchoScorer(Scorer):
+    """The echo dialect (module docstring), as the probe found it (`echo`)."""
+
+    def __init__(self, transport: Transport, model: str, tokenizer: PreTrainedTokenizerBase, token_map: TokenMap,
+                 echo: Echo) -> None:
+        super().__init__(transport, model, tokenizer, token_map)
+        self.echo = echo
+
+    def one(self, where: list[int], ids: list[int], k: int) -> Row:
+        row = Row()
         if len(ids) < 2:
             return row
         url, mode, bos = self.transport.base_url, self.echo.mode, self.tokenizer.bos_token_id
@@ -135,12 +153,15 @@ class Scorer:
                 continue
             row.scores.append((where[j], math.nan if lps[e] is None else float(lps[e])))
             if tops[e]:
-                row.tops.append((where[j - 1], list(tops[e].items())))
+                row.tops.append((where[j - 1], self._ids(tops[e])))
         if mode == "after_bos":
             row.scores += [(where[j], math.nan) for j in range(1, len(ids)) if ids[j] == bos]
         if n_prompt < len(tokens) and tops[n_prompt]:
-            row.tops.append((where[-1], list(tops[n_prompt].items())))
+            row.tops.append((where[-1], self._ids(tops[n_prompt])))
         return row
+
+    def _ids(self, top: dict[str, float]) -> list[tuple[int | None, float]]:
+        return [(self.token_map.parse(token), lp) for token, lp in top.items()]
 
     def _check_tokens(self, ids: list[int], mine: list[int], tokens: list[str]) -> None:
         for j, token in zip(mine, tokens):

@@ -13,7 +13,8 @@ from lmdistill.losses import TopK
 from lmdistill.teachers.base import Capability, CapabilityError, Teacher
 from lmdistill.teachers.server.generation import generate_one
 from lmdistill.teachers.server.probe import probe
-from lmdistill.teachers.server.scoring import Scorer
+from lmdistill.teachers.server.prompt_logprobs import PromptLogprobs, PromptLogprobsScorer
+from lmdistill.teachers.server.scoring import EchoScorer, Scorer
 from lmdistill.teachers.server.tokens import TokenMap
 from lmdistill.teachers.server.transport import Transport
 
@@ -86,10 +87,12 @@ class ServerTeacher(Teacher):
         """Find what the server gives, once (:func:`lmdistill.teachers.server.probe.probe`); sets ``features``."""
         with self._probe_lock:
             if self._capability is None:
-                cap, self.features, echo = probe(self.transport, self.model, self.tokenizer, self.token_map)
-                if echo is not None:
+                cap, self.features, dialect = probe(self.transport, self.model, self.tokenizer, self.token_map)
+                if dialect is not None:
                     assert self.tokenizer is not None and self.token_map is not None
-                    self._scorer = Scorer(self.transport, self.model, self.tokenizer, self.token_map, echo)
+                    args = (self.transport, self.model, self.tokenizer, self.token_map)
+                    self._scorer = (PromptLogprobsScorer(*args, dialect) if isinstance(dialect, PromptLogprobs)
+                                    else EchoScorer(*args, dialect))
                 self._capability = cap
             return self._capability
 
@@ -122,7 +125,7 @@ class ServerTeacher(Teacher):
         Row t is the server's top-k for the token after t (the last token's row comes from the one
         generated token). Rows the server did not give (padding, unscored positions, the last one
         when the server stopped at EOS) and slots without a unique id are filled as
-        :meth:`TokenMap.topk_row` describes.
+        :meth:`TokenMap.topk_ids_row` describes. vLLM refuses k above its ``--max-logprobs`` (20 by default).
         """
         if k < 1:
             raise ValueError(f"k must be >= 1, got {k}")
@@ -135,6 +138,6 @@ class ServerTeacher(Teacher):
                                   "ServerTeacher(tokenizer=...)")
         if self.capability < Capability.TOKEN:
             raise CapabilityError(f"{self.base_url} does not score given sequences: probe() found no aligned "
-                                  f"echo + logprobs (features: {self.features})")
+                                  f"prompt_logprobs (vLLM) or echo + logprobs (features: {self.features})")
         assert self._scorer is not None
         return self._scorer

@@ -50,6 +50,10 @@ class ServerAuthError(ServerError):
     """The server refused the credentials (HTTP 401 or 403): no key, or not one it accepts."""
 
 
+class ServerResponseError(ServerError):
+    """The server answered 200 with a body that does not have the shape its dialect promises."""
+
+
 class _Retryable(Exception):
     """One failed attempt that the policy retries (its message already scrubbed of the key)."""
 
