@@ -147,6 +147,18 @@ def test_teacher_device_cpu_equals_the_default(addition_data, teacher_dir, tmp_p
         torch.device("cpu")).generate(["1+1"], max_new_tokens=4)
 
 
+def test_teacher_device_places_every_mixture_member(addition_data, teacher_dir, tmp_path):
+    mixture = {"kind": "mixture", "mixture": [{"path": str(teacher_dir), "weight": 1.0},
+                                              {"path": str(teacher_dir), "weight": 3.0}]}
+    tok = load_tokenizer(TEACHER)
+    plain, placed = (load_teacher(tiny_run_config(addition_data, tmp_path / n, teacher={**mixture, **extra}).teacher,
+                                  tok, torch.device("cpu")) for n, extra in (("a", {}), ("b", {"device": "cpu"})))
+    assert all(m.weights._hf_hook.execution_device == torch.device("cpu") for m in placed.members)
+    batch = batch_of(tiny_run_config(addition_data, tmp_path / "c"), tok)
+    torch.testing.assert_close(placed.logits(batch["input_ids"], batch["attention_mask"]),
+                               plain.logits(batch["input_ids"], batch["attention_mask"]), rtol=0, atol=0)
+
+
 def test_teacher_device_refusals(addition_data, teacher_dir, tmp_path):
     with pytest.raises(ConfigError, match="teacher.device places a local teacher .* not teacher.kind=server"):
         tiny_run_config(addition_data, tmp_path / "s", teacher={"kind": "server", "base_url": "http://127.0.0.1:1/v1",
