@@ -13,6 +13,9 @@ A checkpoint is a directory ``<run_dir>/checkpoints/step_<8 digits>/`` holding
   whose loader (``load_custom_state``) unpickles them in full, able to run code;
 - ``state.json``: the loop's counters (step, tokens, flops_*, skipped_nonfinite), written last.
 
+The teacher is in none of them (frozen, it is not prepared by accelerate even where FSDP shards it;
+teachers/engine.py): a resumed run loads it again from `teacher.model`.
+
 Loading executes no code from the files: safetensors and JSON are data, and accelerate (1.15)
 reads the optimizer, RNG and GradScaler files, and a ``pytorch_model.bin`` in place of the
 safetensors, with ``accelerate.utils.load``: ``torch.load(weights_only=True)`` plus numpy's array
