@@ -37,7 +37,7 @@ TEACHER = ModelConfig(tokenizer="char", n_layer=2, n_embd=32, n_head=2, max_posi
 STUDENT_SEED = 7
 
 SHARD_SCRIPT = """\
-import json, sys
+import json, os, sys
 from pathlib import Path
 import torch
 from accelerate import Accelerator
@@ -51,14 +51,21 @@ from lmdistill.teachers.load import load_teacher
 sys.path.insert(0, sys.argv[3])
 from test_teacher_engine import batch_of, outputs
 
-cfg, out = load_config(sys.argv[1]), Path(sys.argv[2])
+cfg, out, from_first = load_config(sys.argv[1]), Path(sys.argv[2]), sys.argv[4] == "1"
 acc = Accelerator(cpu=True)
 assert acc.distributed_type == DistributedType.MULTI_CPU and acc.num_processes == 2
-# What AcceleratorState sets for an FSDP launch on GPUs (and skips on CPU).
+# What AcceleratorState sets for an FSDP launch on GPUs (and skips on CPU); the variables are what
+# `accelerate launch` exports for fsdp_cpu_ram_efficient_loading: true (transformers reads them).
 acc.state.distributed_type = DistributedType.FSDP
-acc.state.fsdp_plugin = FullyShardedDataParallelPlugin(fsdp_version=2)
+acc.state.fsdp_plugin = FullyShardedDataParallelPlugin(fsdp_version=2, cpu_ram_efficient_loading=from_first)
+if from_first:
+    os.environ.update(ACCELERATE_USE_FSDP="true", FSDP_CPU_RAM_EFFICIENT_LOADING="true")
 tok = load_tokenizer(cfg.student)
 teacher = load_teacher(cfg.teacher, tok, torch.device("cpu"))
+if from_first and acc.process_index == 1:  # only process 0's weights count: the others' may be placeholders
+    with torch.no_grad():
+        for p in teacher.weights.parameters():
+            p.zero_()
 shard_teacher(teacher, acc, teacher_sharding(acc))
 params = list(teacher.weights.parameters())
 info = {"sharded": teacher.sharded, "dtensors": all(isinstance(p, DTensor) for p in params),
@@ -102,14 +109,17 @@ def kd_config(data, out, teacher_dir, **teacher):
                            teacher={"kind": "local", "model": {"path": str(teacher_dir)}, **teacher})
 
 
-def test_fsdp_shards_the_teacher_across_two_processes(addition_data, teacher_dir, tmp_path):
+@pytest.mark.parametrize("from_first", [False, True], ids=["each-loads", "cpu-ram-efficient"])
+def test_fsdp_shards_the_teacher_across_two_processes(from_first, addition_data, teacher_dir, tmp_path):
+    """With fsdp_cpu_ram_efficient_loading the shards are sent from process 0's weights (the other's are zeroed)."""
     cfg = kd_config(addition_data, tmp_path / "run", teacher_dir)
     save_config(cfg, tmp_path / "run.yaml")
     script = tmp_path / "shard.py"
     script.write_text(SHARD_SCRIPT)
     launcher = os.path.join(os.path.dirname(sys.executable), "accelerate")
     cmd = [launcher, "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1", "--mixed_precision", "no",
-           "--dynamo_backend", "no", str(script), str(tmp_path / "run.yaml"), str(tmp_path), str(Path(__file__).parent)]
+           "--dynamo_backend", "no", str(script), str(tmp_path / "run.yaml"), str(tmp_path), str(Path(__file__).parent),
+           str(int(from_first))]
     proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=300)
     assert proc.returncode == 0, proc.stderr[-4000:]
 

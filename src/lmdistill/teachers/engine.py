@@ -29,6 +29,7 @@ import torch
 from accelerate import Accelerator
 from accelerate.hooks import AlignDevicesHook, add_hook_to_module
 from accelerate.utils import DistributedType
+from accelerate.utils.fsdp_utils import fsdp2_load_full_state_dict
 from transformers import PreTrainedModel
 
 from lmdistill.config import ConfigError
@@ -102,13 +103,17 @@ def shard_teacher(teacher: Teacher | None, accelerator: Accelerator, how: str | 
 def fsdp2_shard(model: PreTrainedModel, accelerator: Accelerator) -> PreTrainedModel:
     """`model` (frozen) sharded in place with FSDP2 over the accelerator's processes: each class its
     ``_no_split_modules`` names (the decoder layers) a unit, the root holding the rest; returns `model`."""
-    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+    from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, fully_shard
 
     plugin = accelerator.state.fsdp_plugin
-    if plugin.cpu_ram_efficient_loading:
-        # transformers then loads the weights on process 0 only (the others' are empty), and nothing here sends them.
-        raise ConfigError("fsdp_cpu_ram_efficient_loading: true in the accelerate config leaves a local teacher's "
-                          "weights empty on every process but the first; set it to false (configs/accelerate/fsdp.yaml)")
+    # fsdp_cpu_ram_efficient_loading: only process 0's weights count (accelerate's loading of the student; the
+    # others' may be placeholders). Shard on the meta device, then send process 0's weights, each process keeping
+    # its shard. Non-persistent buffers (rotary frequencies) are in no state dict: each process keeps its own.
+    from_first = plugin.cpu_ram_efficient_loading
+    if from_first:
+        full = model.state_dict()
+        buffers = {name: b for name, b in model.named_buffers() if name not in full}
+        model.to("meta")
     mesh = accelerator.torch_device_mesh
     kwargs = {
         "reshard_after_forward": True,
@@ -121,6 +126,12 @@ def fsdp2_shard(model: PreTrainedModel, accelerator: Accelerator) -> PreTrainedM
         if type(module).__name__ in layers:
             fully_shard(module, **kwargs)
     fully_shard(model, **kwargs)
+    if from_first:
+        fsdp2_load_full_state_dict(accelerator, model, full, cpu_offload=isinstance(plugin.cpu_offload, CPUOffloadPolicy))
+        for name, b in buffers.items():
+            parent, _, leaf = name.rpartition(".")
+            model.get_submodule(parent).register_buffer(leaf, b.to(accelerator.device), persistent=False)
+        model.tie_weights()  # loading assigned the tied head and embedding one by one
     return model
 
 
