@@ -16,6 +16,8 @@ A checkpoint is a directory ``<run_dir>/checkpoints/step_<8 digits>/`` holding
 A prepared model's frozen parameters (a LoRA student's base) are left out of its weights file: they are
 what the run loads at its start, and a checkpoint of a LoRA run holds its adapters, modules_to_save and
 their optimizer state only. Loading such a file checks that it holds every other key of the model.
+The teacher is in none of them (frozen, it is not prepared by accelerate even where FSDP shards it;
+teachers/engine.py): a resumed run loads it again from `teacher.model`.
 
 Loading executes no code from the files: safetensors and JSON are data, and accelerate (1.15)
 reads the optimizer, RNG and GradScaler files, and a ``pytorch_model.bin`` in place of the

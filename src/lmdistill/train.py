@@ -41,6 +41,7 @@ from lmdistill.models import inner_model, is_lora, load_model, load_tokenizer, s
 from lmdistill.prune import student_init
 from lmdistill.teachers import check_needs
 from lmdistill.teachers.cache import HOW_TO_BUILD, CachedTeacher, CacheMiss
+from lmdistill.teachers.engine import shard_teacher, teacher_sharding
 from lmdistill.teachers.load import load_teacher
 
 
@@ -162,7 +163,8 @@ class Run:
 
 def setup(cfg: RunConfig) -> Run:
     """Data, teacher (checked against the method before anything is written), run directory, student,
-    method, optimizer and schedule, all prepared by accelerate; every model's forwards metered."""
+    method, optimizer and schedule, all prepared by accelerate; every model's forwards metered. Under
+    FSDP / ZeRO-3 the teacher is sharded by the same engine (teachers/engine.py)."""
     t = cfg.train
     # cpu=True when there is no GPU lets a launch of several processes run DDP on gloo.
     accelerator = Accelerator(mixed_precision=_mixed_precision(t.mixed_precision), cpu=not torch.cuda.is_available())
@@ -181,9 +183,14 @@ def setup(cfg: RunConfig) -> Run:
     enc_kw = dict(max_length=cfg.data.max_length, truncation=cfg.data.truncation, system_prompt=cfg.data.system_prompt)
     train_set = encode_rows(tokenizer, train_rows, **enc_kw)
     eval_set = encode_rows(tokenizer, eval_rows[: cfg.eval.max_eval_rows], **enc_kw)
-    teacher = load_teacher(cfg.teacher, tokenizer, accelerator.device)
+    sharding = teacher_sharding(accelerator)
+    if sharding and cfg.teacher.device:
+        raise ConfigError(f"teacher.device={cfg.teacher.device}: under {sharding} the teacher is sharded across the "
+                          "processes' devices; leave teacher.device empty, or launch with DDP to place it")
+    # A teacher to shard waits on the CPU: fully_shard moves it to each process's device one layer at a time.
+    teacher = load_teacher(cfg.teacher, tokenizer, torch.device("cpu") if sharding else accelerator.device)
     method_cls = METHODS[cfg.method.name]
-    check_needs(cfg.method.name, method_cls.teacher_needs(cfg.method), teacher)
+    check_needs(cfg.method.name, method_cls.teacher_needs(cfg.method), teacher, sharded=sharding is not None)
     if isinstance(teacher, CachedTeacher):
         check_cache_holds(teacher, train_set, train_rows)
     # The student too, when it needs nothing written first: a bad student.lora key stops the run here.
@@ -211,6 +218,7 @@ def setup(cfg: RunConfig) -> Run:
         optimizer, lambda s: lr_lambda(s, warmup=t.warmup_steps, total=t.steps, min_ratio=t.min_lr_ratio))
     n_params = count_parameters(model)
     model, optimizer, *prepared = accelerator.prepare(model, optimizer, *extras.values())
+    shard_teacher(teacher, accelerator, sharding)  # not prepared: not trained, not in the checkpoints
     ctx.model, ctx.modules = model, dict(zip(extras, prepared))
     trained = [*model.parameters(), *(p for m in prepared for p in m.parameters())]
     return Run(cfg, accelerator, tokenizer, train_set, eval_set, eval_rows, model, method, ctx, optimizer, scheduler,

@@ -4,6 +4,7 @@ options) and the whole :class:`RunConfig`. Each field's help text is the docstri
 from __future__ import annotations
 
 import math
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
@@ -134,6 +135,8 @@ class TeacherConfig:
     """kind=server: retries (exponential backoff) on connection errors, timeouts, HTTP 429 and 5xx."""
     concurrency: int = 4
     """kind=server: requests in flight at once."""
+    device: str | None = None
+    """kind=local or mixture: where the teacher's model lives, e.g. `cuda:1` (a second GPU) or `cpu`; inputs go there and outputs come back to the student's device. Default: each process's own device (under FSDP / ZeRO-3 the teacher is sharded across the processes instead; leave this empty there)."""
 
     def __post_init__(self) -> None:
         if self.k < 0:
@@ -152,6 +155,11 @@ class TeacherConfig:
         if self.base_url is not None and not _is_http_url(self.base_url):
             raise ConfigError(f"teacher.base_url={self.base_url!r}: expected http(s)://HOST[:PORT]/PATH, "
                               "e.g. http://127.0.0.1:8080/v1")
+        if self.device is not None and self.kind not in ("local", "mixture"):
+            raise ConfigError(f"teacher.device places a local teacher (teacher.kind=local or mixture), not "
+                              f"teacher.kind={self.kind}" + (" (a server lives where it is served)" if self.kind == "server" else ""))
+        if self.device is not None and not re.fullmatch(r"[a-z]+(:\d+)?", self.device):
+            raise ConfigError(f"teacher.device={self.device!r}: expected a device such as cpu, cuda or cuda:1")
         if self.timeout <= 0 or self.max_retries < 0 or self.concurrency < 1:
             raise ConfigError(f"teacher.timeout must be > 0, teacher.max_retries >= 0 and teacher.concurrency >= 1 "
                               f"({self.timeout}, {self.max_retries}, {self.concurrency})")

@@ -136,7 +136,8 @@ class MiniLLM(Method):
         if cfg.mix_alpha > 0:
             return Needs(Capability.FULL, weights="teacher-mixed sampling runs the teacher's model; method.mix_alpha=0 "
                          "samples from the student alone",
-                         no_prefix="its teacher-mixed sampling does not apply teacher.prefix (or set method.mix_alpha=0)")
+                         no_prefix="its teacher-mixed sampling does not apply teacher.prefix (or set method.mix_alpha=0)",
+                         generates=True)
         return Needs(Capability.FULL)
 
     def __init__(self, cfg: MiniLLMConfig, ctx) -> None:

@@ -67,7 +67,7 @@ class DPKD(Method):
     def teacher_needs(cls, cfg: DPKDConfig) -> Needs:
         if cfg.chosen == "teacher":
             return Needs(Capability.TOKEN, weights="method.chosen=teacher generates y_w with a local teacher; else "
-                         "label the data with `lmdistill elicit label` and set method.chosen=data")
+                         "label the data with `lmdistill elicit label` and set method.chosen=data", generates=True)
         return Needs(Capability.TOKEN)
 
     def __init__(self, cfg, ctx) -> None:

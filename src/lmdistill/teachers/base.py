@@ -10,6 +10,8 @@ method may need is declared too, as plain attributes every backend sets (no ``ge
 - ``vocab_size``: the width of its distributions (None where unknown);
 - ``k``: the top-k a backend holds natively (a cache's k), None where any k can be asked;
 - ``tokenizer``: its own tokenizer where it has one here;
+- ``sharded``: its weights are split across the run's processes (FSDP / ZeRO-3, teachers/engine.py),
+  so that every forward is a collective that every process must run;
 - ``modules()``: the ``nn.Module`` forwards that run here, so that the loop's FLOP meter counts
   them (2·N per token) wherever they are called from.
 
@@ -93,6 +95,8 @@ class Teacher:
     """The top-k this backend holds (a cache's); None where any k can be asked."""
     tokenizer: PreTrainedTokenizerBase | None = None
     """The teacher's own tokenizer where it has one here (a local model; a server given `teacher.model`)."""
+    sharded: bool = False
+    """Its weights are split across the processes (FSDP / ZeRO-3): every forward is collective."""
 
     def modules(self) -> list[torch.nn.Module]:
         """The models whose forwards run here (counted by the FLOP meter): a local model, a mixture's members."""
@@ -135,10 +139,16 @@ class Needs:
     """Non-empty: the teacher's model must be here, for what this says (e.g. "its hidden states")."""
     no_prefix: str = ""
     """Non-empty: a teacher with `teacher.prefix` is refused, for the reason this says."""
+    generates: bool = False
+    """The method generates with the teacher's model (what `weights` says): a teacher sharded across the
+    processes is refused, since each process decodes its own number of steps and every forward of a
+    sharded model is a collective that all of them must run."""
 
 
-def check_needs(method: str, needs: Needs, teacher: Teacher | None) -> None:
-    """Refuse, with a message naming what is missing and how to get it, a teacher that cannot meet `needs`."""
+def check_needs(method: str, needs: Needs, teacher: Teacher | None, *, sharded: bool = False) -> None:
+    """Refuse, with a message naming what is missing and how to get it, a teacher that cannot meet `needs`.
+
+    `sharded`: the run's engine will shard the teacher's models across the processes (teachers/engine.py)."""
     if needs.capability is None:
         return
     weights = f" and its weights here ({needs.weights})" if needs.weights else ""
@@ -151,5 +161,10 @@ def check_needs(method: str, needs: Needs, teacher: Teacher | None) -> None:
     if needs.weights and teacher.weights is None:
         raise CapabilityError(f"method {method!r} needs the teacher's weights here ({needs.weights}), but the "
                               f"{teacher.name} teacher has no weights here; use a local teacher (teacher.kind=local)")
+    if needs.generates and (sharded or teacher.sharded) and teacher.weights is not None:
+        raise CapabilityError(f"method {method!r} generates with the teacher's model ({needs.weights}), but under "
+                              "FSDP / ZeRO-3 the teacher is sharded across the processes, and a generation loop runs "
+                              "a different number of forwards on each; launch with DDP (the teacher whole on every "
+                              "process, or on teacher.device)")
     if needs.no_prefix and teacher.prefix_ids:
         raise CapabilityError(f"method {method!r}: {needs.no_prefix}; leave teacher.prefix empty")

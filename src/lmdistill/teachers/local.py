@@ -57,6 +57,9 @@ class LocalTeacher(Teacher):
         self.prefix_ids: list[int] = tokenizer(prefix, add_special_tokens=False)["input_ids"] if prefix else []
         """Token ids the teacher sees before every sequence (`teacher.prefix`); the outputs leave them out."""
         self._prefix_kv: list[tuple[torch.Tensor, torch.Tensor]] | None = None
+        self._prefix_for: torch.device | None = None  # the inputs' device the prefix cache was made for
+        self.engine: torch.nn.Module | None = None
+        """DeepSpeed's engine where ZeRO-3 partitions the model (it holds the partitioning; teachers/engine.py)."""
         width = model.get_output_embeddings().weight.shape[0]
         if width < self.vocab_size:
             raise ValueError(f"teacher logits have width {width}, below its vocabulary of {self.vocab_size} tokens")
@@ -73,10 +76,10 @@ class LocalTeacher(Teacher):
         """(B, W, V) logits of prefix + each row, at the rows' positions `window`; the prefix's keys and values
         are computed once and shared by every call (rows are right-padded, so positions continue after it)."""
         device = input_ids.device
-        if self._prefix_kv is None or self._prefix_kv[0][0].device != device:
+        if self._prefix_kv is None or self._prefix_for != device:
             ids = torch.tensor([self.prefix_ids], device=device)
-            cache = self.weights(input_ids=ids, use_cache=True).past_key_values
-            self._prefix_kv = [(k, v) for k, v, *_ in cache]
+            cache = self.weights(input_ids=ids, use_cache=True).past_key_values  # on the model's device (engine.place)
+            self._prefix_kv, self._prefix_for = [(k, v) for k, v, *_ in cache], device
         B, P = input_ids.shape[0], len(self.prefix_ids)
         cache = DynamicCache([(k.expand(B, -1, -1, -1), v.expand(B, -1, -1, -1)) for k, v in self._prefix_kv],
                              config=self.weights.config)

@@ -53,6 +53,11 @@ class MixtureTeacher(Teacher):
         ks = {m.k for m in self.members} - {None}
         self.k = min(ks) if ks else None
 
+    @property
+    def sharded(self) -> bool:  # type: ignore[override]
+        """Whether any member's model is sharded across the processes."""
+        return any(m.sharded for m in self.members)
+
     def modules(self) -> list[torch.nn.Module]:
         """Every member's models: a mixture forward runs them all."""
         return [module for m in self.members for module in m.modules()]
