@@ -412,3 +412,20 @@ def test_curate_and_judge_with_smollm2(tmp_path):
     assert all(len(r["judgements"]) == 2 and all(j["raw"] is not None for j in r["judgements"]) for r in rows)
     print(f"\nSmolLM2 curate: {curated.kept} kept, {curated.rejected} refused; judge: {judged.kept} pairs kept, "
           f"{judged.rejected} rejected: " + "; ".join(r.get("reason", "kept") for r in rows))
+
+
+def test_clean_instruction_skips_the_preamble_small_teachers_write():
+    """Replies of SmolLM2-135M to the curate request (a real run): the instruction after a preamble line."""
+    from lmdistill.elicit import clean_instruction
+
+    assert clean_instruction("Here is a sample response:\n\nPlease provide step-by-step instructions on how to "
+                             "bake a cookie.") == "Please provide step-by-step instructions on how to bake a cookie."
+    assert clean_instruction('The AI assistant can respond with a question about cooking:\n\n"What is the proper '
+                             'way to prepare a lasagna?"') == "What is the proper way to prepare a lasagna?"
+    assert clean_instruction('Here is how it would work:\n\nQuestion: "What is the ISCTC for?"\n\nAnswer: "It is') == (
+        "What is the ISCTC for?")
+    # A line that introduces a list is the instruction itself.
+    assert clean_instruction("List three cooking techniques. For example:\n\n1. **Use a sharp knife**") == (
+        "List three cooking techniques. For example:")
+    assert clean_instruction("Task:\nSort the list") == "Sort the list"
+    assert clean_instruction("Only a preamble:") == "Only a preamble:"

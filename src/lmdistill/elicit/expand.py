@@ -23,12 +23,21 @@ from lmdistill.elicit.store import ElicitStore
 
 log = logging.getLogger(__name__)
 
-_NUMBERING = re.compile(r"^\s*(?:\d+\s*[.):]|[-*•]|(?:new\s+)?(?:task|instruction)\s*(?:\d+)?\s*:)\s*", re.IGNORECASE)
+_NUMBERING = re.compile(r"^\s*(?:\d+\s*[.):]|[-*•]|(?:new\s+)?(?:task|instruction|question)\s*(?:\d+)?\s*:)\s*",
+                        re.IGNORECASE)
+_LIST_ITEM = re.compile(r"^(?:\d+\s*[.)]|[-*•])\s")
 
 
 def clean_instruction(text: str) -> str:
-    """The first non-empty line of a reply, without list numbering, a ``Task:`` label or quotes."""
-    for line in text.splitlines():
+    """The first non-empty line of a reply, without list numbering, a ``Task:`` label or quotes.
+
+    A line ending with ``:`` that introduces the next one (``Here is a new task:``) is skipped; one
+    that introduces a list (``... For example:`` then ``1. ...``) is the instruction.
+    """
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    for i, line in enumerate(lines):
+        if line.endswith(":") and i + 1 < len(lines) and not _LIST_ITEM.match(lines[i + 1]):
+            continue
         line = _NUMBERING.sub("", line).strip().strip('"“”').strip()
         if line:
             return line
