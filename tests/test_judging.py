@@ -97,6 +97,17 @@ def test_parse_choice_on_real_looking_answers(raw, expected):
         assert verdict.value is None and verdict.reason.startswith(expected), verdict
 
 
+def test_parse_choice_maps_a_quoted_response_to_its_letter():
+    """SmolLM2-135M answers "The answer is 112." to which of A = 122, B = 112 is better."""
+    assert parse_choice("The answer is 112.", "122", "112").value == "B"
+    assert parse_choice("The answer is 112.", "112", "122").value == "A"
+    assert parse_choice("The answer is 1122.", "122", "112").reason.startswith("no choice")  # not inside a number
+    assert parse_choice("The answer is 12.5", "12", "13").reason.startswith("no choice")
+    assert parse_choice("Both 12 and 13 are numbers", "12", "13").reason.startswith("no choice")  # both quoted
+    assert parse_choice("Answer: A, not 13", "12", "13").value == "A"  # a letter first
+    assert parse_choice("The answer is 112.").reason.startswith("no choice")  # without the responses
+
+
 def votes(*answers: str) -> list[Verdict]:
     return [parse_choice(a) for a in answers]
 

@@ -147,7 +147,7 @@ def parse_score(raw: str, *, low: float = 1, high: float = 10) -> Verdict:
     return Verdict(value, None, raw)
 
 
-def parse_choice(raw: str) -> Verdict:
+def parse_choice(raw: str, a: str | None = None, b: str | None = None) -> Verdict:
     """The response a judge chose, ``"A"`` or ``"B"``.
 
     Tried in order: a labelled choice (``Answer: B``, ``I prefer Response A``, ``The better one is
@@ -155,9 +155,11 @@ def parse_choice(raw: str) -> Verdict:
     is better``, ``A wins``, ``B is wrong`` → A), the last one wins; a reply that is only a letter
     (``B``, ``(A)``, ``Response A.``); then, unless the judge refused or called a tie, a reply that
     starts with the letter (``B. Because ...``; not the article of ``A good answer ...``) or names
-    one response only (``Response A``, ``(B)``, ``the first one``). Letters are capitals; the
-    request's own ``'Answer: A' or 'Answer: B'``, echoed, is ignored. Refused: a refusal, a tie,
-    both letters named, none.
+    one response only (``Response A``, ``(B)``, ``the first one``); last, given the responses `a`
+    and `b`, a reply that quotes one of them and not the other (``The answer is 112.`` when B is
+    ``112``: small judges name the content, not the letter). Letters are capitals; the request's own
+    ``'Answer: A' or 'Answer: B'``, echoed, is ignored. Refused: a refusal, a tie, both letters
+    named, none.
     """
     text = _EITHER.sub(" ", _plain(raw))
     if labelled := [m.group(1) for m in _LABELLED_CHOICE.finditer(text)]:
@@ -180,7 +182,15 @@ def parse_choice(raw: str) -> Verdict:
         return Verdict(named.pop(), None, raw)
     if named:
         return Verdict(None, "the answer names both A and B without choosing", raw)
+    quoted = [letter for letter, response in (("A", a), ("B", b)) if response and _quotes(raw, response)]
+    if len(quoted) == 1:
+        return Verdict(quoted[0], None, raw)
     return Verdict(None, "no choice (A or B) found in the answer" if _plain(raw) else "empty answer", raw)
+
+
+def _quotes(answer: str, response: str) -> bool:
+    """`response` (stripped) stands in `answer` as a whole: not inside a longer word or number."""
+    return re.search(r"(?<![\w.])" + re.escape(response.strip()) + r"(?![\w]|\.\d)", answer) is not None
 
 
 # --------------------------------------------------------------------------- from verdicts to a preference

@@ -109,7 +109,8 @@ def elicit_judge(s: Session, batch: Batch, seed: int) -> Rows:
         row: dict[str, Any] = {"id": r["id"], "prompt": r["prompt"], "responses": texts,
                                "sources": [src for _, src in mine], "judge": e.judge}
         if e.judge == "pairwise":
-            verdicts = [[parse_choice(a) for a in order] for order in asked]
+            (x, _), (y, _) = mine
+            verdicts = [[parse_choice(a, *shown) for a in order] for order, shown in zip(asked, ((x, y), (y, x)))]
             row["judgements"] = [{"order": order, "a": a_is, "vote": v, **verdict.as_dict()}
                                  for (order, a_is), votes in zip((("first", 0), ("swapped", 1)), verdicts)
                                  for v, verdict in enumerate(votes)]
