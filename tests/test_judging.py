@@ -34,6 +34,9 @@ SCORES = [
     ("The response is good and helpful.", "no score found"),
     ("2 + 2 = 4, so the response is right.", "no score found"),  # a sum, not a leading score
     ("Score: N/A", "no score found"),
+    ("1. No Frying: Frying is a technique that has been used for", "no score found"),  # a list (SmolLM2-135M)
+    ("1. Sun\n2. Moon\n3. Star", "no score found"),
+    ("1", 1),
     ("   ", "empty answer"),
 ]
 

@@ -78,7 +78,7 @@ _LABELLED_SCORE = re.compile(
     r"(?i:\b(?:score[sd]?|rating|grade|rate[sd]?|give|giving)\b(?:\s+(?:it|this|the|response|answer|as|at|an?|is|of|"
     r"would\s+be))*\s*[:=\-]?\s*)\(?" + _NUM + _OVER + r"(?!\s*(?:to|-|–)\s*\d)")
 _FRACTION = re.compile(_NUM + r"\s*(?:/|(?i:out\s+of))\s*" + _NUM)
-_LEADING_NUMBER = re.compile(r"^\W*(\d+(?:\.\d+)?)\b(?!\s*[-+*/x×=]\s*\d)")
+_LEADING_NUMBER = re.compile(r"^\W*(?!1\s*[.)]\s)(\d+(?:\.\d+)?)\b(?!\s*[-+*/x×=]\s*\d)")  # not a sum, not a list's "1. "
 _ONLY_WORD = re.compile(r"^\W*(?i:(" + _WORD + r"))\W*$")
 _REFUSAL = re.compile(
     r"(?i)\bI(?:'m|’m|\s+am)\s+(?:sorry|unable|not\s+able)|\bI\s+(?:can\s*not|cannot|can't|can’t|won't|do\s+not\s+feel|"
@@ -122,7 +122,8 @@ def parse_score(raw: str, *, low: float = 1, high: float = 10) -> Verdict:
 
     Tried in order: a labelled score (``Score: 7``, ``I would rate it an 8``, ``Rating: **9**/10``;
     the last one wins; not the scale in ``a score of 1 to 10``), a fraction (``8/10``, ``seven out
-    of ten``), a reply that starts with a number (``8. The response ...``; not ``2 + 2 = 4``) or
+    of ten``), a reply that starts with a number (``8. The response ...``; not ``2 + 2 = 4``, not
+    the ``1. `` of a numbered list, which small judges write instead of a score) or
     is one number word (``Eight.``). Numbers may be words (zero to twenty). Refused: a refusal, no
     number, a score off the scale, a fraction on another scale (``4/5`` when `high` is 10).
     """
