@@ -322,12 +322,14 @@ def build_parser() -> argparse.ArgumentParser:
     el = sub.add_parser(
         "elicit",
         parents=[common],
-        help="the teacher writes training data: label, expand, rationales, context, preferences",
+        help="the teacher writes training data: label, expand, rationales, context, preferences, curate, judge",
         description="Ask teacher.model (or a served teacher) about the inputs (elicit.input_path, else the data "
         "section's training rows) and write JSONL rows with provenance to elicit.output. Resumable: a rerun "
         "skips finished ids. Tasks: label (teacher answers), expand (self-instruct, ROUGE-L filtered), "
         "rationales (rationale + answer, checked against the gold answer), context (teacher sees a prefix, "
-        "the row does not), preferences (teacher output vs student sample).",
+        "the row does not), preferences (teacher output vs student sample), curate (instructions from a meta "
+        "file of topics x skills x formats, then answered; elicit.meta_path), judge (the teacher grades each "
+        "row's responses into preference pairs with margins: pairwise in both orders, or pointwise).",
         epilog=_elicit_help(),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )

@@ -69,7 +69,30 @@ class ElicitConfig:
     student_temperature: float = 1.0
     """preferences: the student's sampling temperature."""
     student_top_p: float = 1.0
-    """preferences: the student's nucleus sampling mass."""
+    """preferences, judge: the student's nucleus sampling mass."""
+    meta_path: str | None = None
+    """curate: YAML file of `topics`, `skills` and `formats` (lists of strings); every combination is asked once, in an order drawn with `seed` (example: src/lmdistill/data/curate_meta.yaml)."""
+    curate_template: str = (
+        "Write one new instruction or question for an AI assistant about {topic}. It should ask the assistant to "
+        "{skill}, and the answer should be {format}. Reply with the instruction only."
+    )
+    """curate: the request for one instruction; `{topic}`, `{skill}`, `{format}` come from the meta file. The teacher then answers the instruction (filtered as in expand: ROUGE-L, 3 to 150 words)."""
+    judge: Literal["pairwise", "pointwise"] = "pairwise"
+    """judge: `pairwise` asks A or B in both orders (a pair is kept only when both orders agree); `pointwise` scores each response on the rubric."""
+    judge_rubric: str | None = None
+    """judge: the criteria, `{rubric}` in the templates. Empty: lmdistill.judging.RUBRIC ("Judge whether it is correct, helpful and clear.")."""
+    pointwise_template: str | None = None
+    """judge (pointwise): the request; slots `{prompt}`, `{response}`, `{rubric}`, `{low}`, `{high}`. Empty: lmdistill.judging.POINTWISE_TEMPLATE (asks for 'Score: <number>')."""
+    pairwise_template: str | None = None
+    """judge (pairwise): the request; slots `{prompt}`, `{a}`, `{b}`, `{rubric}`. Empty: lmdistill.judging.PAIRWISE_TEMPLATE (asks for 'Answer: A' or 'Answer: B')."""
+    score_min: int = 1
+    """judge (pointwise): the lowest score of the scale."""
+    score_max: int = 10
+    """judge (pointwise): the highest score of the scale."""
+    judge_votes: int = 1
+    """judge: answers asked per question (per order, per response); more than 1 needs do_sample=true. Pairwise: the majority of each order counts; pointwise: the mean score."""
+    judge_student_samples: int = 0
+    """judge: student samples added to each row's responses (`responses`, else `chosen` + `rejected`, else `response`), at student_temperature."""
 
     def __post_init__(self) -> None:
         checks = [
@@ -87,8 +110,16 @@ class ElicitConfig:
             (self.context_demos >= 0, "context_demos", "must be >= 0"),
             ("{demos}" in self.expand_template, "expand_template", "must contain {demos}"),
             ("{prompt}" in self.rationale_template, "rationale_template", "must contain {prompt}"),
+            ("{topic}" in self.curate_template, "curate_template", "must contain {topic}"),
+            (self.score_min < self.score_max, "score_max", f"must be above elicit.score_min ({self.score_min})"),
+            (self.judge_votes >= 1, "judge_votes", "must be >= 1"),
+            (self.judge_votes == 1 or self.do_sample, "judge_votes", "> 1 asks the same question again: set elicit.do_sample=true"),
+            (self.judge_student_samples >= 0, "judge_student_samples", "must be >= 0"),
+            (self.pointwise_template is None or "{response}" in self.pointwise_template, "pointwise_template",
+             "must contain {response}"),
+            (self.pairwise_template is None or "{a}" in self.pairwise_template and "{b}" in self.pairwise_template,
+             "pairwise_template", "must contain {a} and {b}"),
         ]
         for ok, key, what in checks:
             if not ok:
                 raise ConfigError(f"elicit.{key} {what}, got {getattr(self, key)!r}")
-

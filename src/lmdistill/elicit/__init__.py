@@ -14,6 +14,13 @@ rationales     ``prompt``, ``rationale``, ``response``, ``gold``, ``answer_corre
 context        ``prompt`` (without the prefix), ``response``, ``context`` (the prefix)
 preferences    ``prompt``, ``chosen``, ``rejected``, ``response``, ``chosen_source``, with
                ``elicit.rank`` ``teacher_logprob_chosen`` / ``_rejected``
+curate         ``prompt`` (an instruction written for a topic × skill × format of a meta file,
+               ROUGE-L filtered), ``response``, ``topic``, ``skill``, ``format``,
+               ``rouge_l_max``, ``most_similar`` (UltraChat, Phi)
+judge          ``prompt``, ``chosen``, ``rejected``, ``response``, ``margin``, ``chosen_source``,
+               ``rejected_source``, ``responses``, ``sources``, ``scores`` (pointwise),
+               ``judge``, ``judgements`` (the teacher grades responses: pairwise in both
+               orders, or pointwise on a rubric; parsing in :mod:`lmdistill.judging`)
 =============  =============================================================================
 
 Every row carries ``provenance``: the task, the teacher's name, the sampling parameters (with the

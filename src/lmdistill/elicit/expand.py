@@ -23,12 +23,21 @@ from lmdistill.elicit.store import ElicitStore
 
 log = logging.getLogger(__name__)
 
-_NUMBERING = re.compile(r"^\s*(?:\d+\s*[.):]|[-*•]|(?:new\s+)?(?:task|instruction)\s*(?:\d+)?\s*:)\s*", re.IGNORECASE)
+_NUMBERING = re.compile(r"^\s*(?:\d+\s*[.):]|[-*•]|(?:new\s+)?(?:task|instruction|question)\s*(?:\d+)?\s*:)\s*",
+                        re.IGNORECASE)
+_LIST_ITEM = re.compile(r"^(?:\d+\s*[.)]|[-*•])\s")
 
 
 def clean_instruction(text: str) -> str:
-    """The first non-empty line of a reply, without list numbering, a ``Task:`` label or quotes."""
-    for line in text.splitlines():
+    """The first non-empty line of a reply, without list numbering, a ``Task:`` label or quotes.
+
+    A line ending with ``:`` that introduces the next one (``Here is a new task:``) is skipped; one
+    that introduces a list (``... For example:`` then ``1. ...``) is the instruction.
+    """
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    for i, line in enumerate(lines):
+        if line.endswith(":") and i + 1 < len(lines) and not _LIST_ITEM.match(lines[i + 1]):
+            continue
         line = _NUMBERING.sub("", line).strip().strip('"“”').strip()
         if line:
             return line
@@ -57,6 +66,45 @@ class RougeL:
         return best, which
 
 
+def screen(rouge: RougeL, pool: Sequence[str], candidates: Sequence[tuple[dict, str]], threshold: float, *,
+           need: int) -> tuple[list[dict], list[dict]]:
+    """(accepted, rejected) candidate instructions, each a (row, the teacher's reply), until `need` are accepted.
+
+    The reply's instruction (:func:`clean_instruction`, 3 to 150 words) becomes the row's
+    ``prompt`` (the reply its ``raw``); it is accepted when its ROUGE-L F1 to every text of `pool`
+    and to every candidate accepted before it is below `threshold` (``rouge_l_max``,
+    ``most_similar``); a rejected row carries its ``reason``.
+    """
+    accepted: list[dict] = []
+    rejected: list[dict] = []
+    for row, out in candidates:
+        if len(accepted) == need:
+            break
+        text = clean_instruction(out)
+        row = {**row, "prompt": text, "raw": out}
+        words = len(text.split())
+        if not 3 <= words <= 150:
+            rejected.append({**row, "reason": f"instruction of {words} words (3 to 150 kept)"})
+            continue
+        score, nearest = rouge.nearest(text, [*pool, *(a["prompt"] for a in accepted)])
+        row.update(rouge_l_max=score, most_similar=nearest)
+        if score >= threshold:
+            rejected.append({**row, "reason": f"ROUGE-L {score:.3f} >= {threshold} to an existing instruction"})
+        else:
+            accepted.append(row)
+    return accepted, rejected
+
+
+def answer(s: Session, accepted: list[dict], seed: int, rejected: list[dict], **provenance: Any) -> list[dict]:
+    """The accepted instructions answered by the teacher (``response``, ``provenance``); one answered
+    with nothing is appended to `rejected`."""
+    kept: list[dict] = []
+    for row, out in zip(accepted, s.generate([a["prompt"] for a in accepted], seed)):
+        row = {**row, "response": out.strip(), "provenance": s.provenance(seed, **provenance)}
+        keep_or_reject(row, None if row["response"] else "empty response", kept, rejected)
+    return kept
+
+
 def elicit_expand(s: Session, seeds: list[dict], store: ElicitStore) -> tuple[int, int]:
     """Rounds of `batch_size` candidate instructions until `num_instructions` are kept; (kept, rejected) new."""
     e = s.e
@@ -73,31 +121,12 @@ def elicit_expand(s: Session, seeds: list[dict], store: ElicitStore) -> tuple[in
                       demos="\n".join(f"{j + 1}. {seeds[d]['prompt']}" for j, d in enumerate(demos)))
                  for demos in demo_sets]
         instruction_seed = batch_seed(e.seed, "expand-instructions", rounds)
-        need = e.num_instructions - len(store.kept_rows)
-        accepted: list[dict] = []
-        rejected: list[dict] = []
-        for i, (demos, out) in enumerate(zip(demo_sets, s.generate(asked, instruction_seed))):
-            if len(accepted) == need:
-                break
-            text = clean_instruction(out)
-            row: dict[str, Any] = {"id": f"expand-{rounds:05d}-{i:03d}", "prompt": text, "raw": out,
-                                   "demo_ids": [seeds[d]["id"] for d in demos]}
-            words = len(text.split())
-            if not 3 <= words <= 150:
-                rejected.append({**row, "reason": f"instruction of {words} words (3 to 150 kept)"})
-                continue
-            score, nearest = rouge.nearest(text, pool + [a["prompt"] for a in accepted])
-            row.update(rouge_l_max=score, most_similar=nearest)
-            if score >= e.rouge_threshold:
-                rejected.append({**row, "reason": f"ROUGE-L {score:.3f} >= {e.rouge_threshold} to an existing instruction"})
-            else:
-                accepted.append(row)
+        candidates = [({"id": f"expand-{rounds:05d}-{i:03d}", "demo_ids": [seeds[d]["id"] for d in demos]}, out)
+                      for i, (demos, out) in enumerate(zip(demo_sets, s.generate(asked, instruction_seed)))]
+        accepted, rejected = screen(rouge, pool, candidates, e.rouge_threshold,
+                                    need=e.num_instructions - len(store.kept_rows))
         answer_seed = batch_seed(e.seed, "expand-answers", rounds)
-        kept: list[dict] = []
-        for row, answer in zip(accepted, s.generate([a["prompt"] for a in accepted], answer_seed)):
-            row = {**row, "response": answer.strip(),
-                   "provenance": s.provenance(answer_seed, instruction_seed=instruction_seed)}
-            keep_or_reject(row, None if row["response"] else "empty response", kept, rejected)
+        kept = answer(s, accepted, answer_seed, rejected, instruction_seed=instruction_seed)
         for row in rejected:
             row.setdefault("provenance", s.provenance(instruction_seed))
         rounds += 1

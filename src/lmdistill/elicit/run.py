@@ -23,8 +23,10 @@ import torch
 from lmdistill.config import ConfigError, RunConfig
 from lmdistill.data.rows import check_unique_ids
 from lmdistill.elicit.context import context_prefix, elicit_context
+from lmdistill.elicit.curate import elicit_curate, load_meta
 from lmdistill.elicit.expand import elicit_expand
-from lmdistill.elicit.inputs import load_inputs
+from lmdistill.elicit.inputs import load_inputs, read_inputs
+from lmdistill.elicit.judge import check_judge_inputs, elicit_judge
 from lmdistill.elicit.label import elicit_label
 from lmdistill.elicit.preferences import check_ranking_teacher, elicit_preferences
 from lmdistill.elicit.rationales import elicit_rationales
@@ -34,7 +36,7 @@ from lmdistill.teachers.base import Teacher
 
 log = logging.getLogger(__name__)
 
-TASKS = ("label", "expand", "rationales", "context", "preferences")
+TASKS = ("label", "expand", "rationales", "context", "preferences", "curate", "judge")
 
 
 @dataclass
@@ -55,7 +57,8 @@ class ElicitResult:
     skipped: int
     """Inputs skipped because an earlier run finished them."""
     complete: bool
-    """Every input is done (expand: the target number of instructions was reached)."""
+    """Every input is done (expand: the target number of instructions was reached; curate: that, or every
+    combination was asked)."""
     seconds: float
 
     def summary(self) -> dict[str, Any]:
@@ -90,20 +93,30 @@ def elicit(task: str, cfg: RunConfig, *, teacher: Teacher | None = None, student
 
     Args:
         task: one of :data:`TASKS`.
-        cfg: the run config (its ``elicit`` section; ``teacher``; ``student`` for preferences;
-            ``data`` when ``elicit.input_path`` is empty).
+        cfg: the run config (its ``elicit`` section; ``teacher``; ``student`` for preferences and
+            judge's student samples; ``data`` when ``elicit.input_path`` is empty, except for curate).
         teacher: a ready teacher (else built from ``cfg.teacher``).
-        student: (model, tokenizer) for preferences (else built from ``cfg.student``).
-        inputs: input rows (else :func:`load_inputs`).
+        student: (model, tokenizer) for preferences and judge (else built from ``cfg.student``).
+        inputs: input rows (else :func:`load_inputs`; curate: ``elicit.input_path``'s, the prompts
+            its instructions must differ from, else none).
     """
     if task not in TASKS:
         raise ConfigError(f"unknown elicitation task {task!r}; known: {', '.join(TASKS)}")
     started = time.perf_counter()
     e = cfg.elicit
-    rows = load_inputs(cfg) if inputs is None else list(inputs)
+    if inputs is not None:
+        rows = list(inputs)
+    elif task == "curate":
+        rows = read_inputs(e.input_path) if e.input_path else []
+    else:
+        rows = load_inputs(cfg)
     check_unique_ids(rows, e.input_path or "inputs")
     handlers: dict[str, Callable[[Session, Batch, int], Rows]] = {
-        "label": elicit_label, "rationales": elicit_rationales, "preferences": elicit_preferences}
+        "label": elicit_label, "rationales": elicit_rationales, "preferences": elicit_preferences,
+        "judge": elicit_judge}
+    meta = load_meta(e.meta_path) if task == "curate" else {}
+    if task == "judge":
+        check_judge_inputs(rows, e)
     if task == "context":  # cheap checks before the teacher is loaded
         prefix, demos = context_prefix(cfg, rows)
         demo_ids = {d["id"] for d in demos}
@@ -115,11 +128,15 @@ def elicit(task: str, cfg: RunConfig, *, teacher: Teacher | None = None, student
         if e.rank:
             check_ranking_teacher(teacher)
         student = student if student is not None else build_student(cfg, device)
+    if task == "judge" and e.judge_student_samples and student is None:
+        student = build_student(cfg, device)
     session = Session(task, cfg, teacher, student)
     output = Path(e.output) if e.output else cfg.run_dir / "elicit" / f"{task}.jsonl"
     with ElicitStore(output, task=task, settings=session.settings) as store:
         if task == "expand":
             skipped, (new_kept, new_rejected) = 0, elicit_expand(session, rows, store)
+        elif task == "curate":
+            skipped, (new_kept, new_rejected) = 0, elicit_curate(session, meta, rows, store)
         else:
             skipped, new_kept, new_rejected = _per_input(session, rows, store, handlers[task], started)
         return ElicitResult(task=task, output=store.path, rejected_output=store.rejected_path,

@@ -11,9 +11,10 @@ from typing import Any
 
 import torch
 
-from lmdistill.config import ConfigError, RunConfig
+from lmdistill.config import ConfigError, ElicitConfig, RunConfig
 from lmdistill.elicit.vllm_engine import VLLMTeacher, vllm_available
 from lmdistill.generation import generate
+from lmdistill.judging import PAIRWISE_TEMPLATE, POINTWISE_TEMPLATE, RUBRIC
 from lmdistill.models import load_model, load_tokenizer
 from lmdistill.teachers.base import Teacher
 from lmdistill.teachers.load import load_teacher
@@ -39,6 +40,14 @@ def batch_seed(seed: int, *parts: Any) -> int:
     """A 31-bit seed determined by `seed` and `parts` (e.g. a batch's ids), not by the order of calls."""
     digest = hashlib.sha256(json.dumps([seed, *parts], default=str).encode()).hexdigest()
     return int(digest[:8], 16) & 0x7FFFFFFF
+
+
+def judge_template(e: ElicitConfig) -> tuple[str, str]:
+    """(template, rubric) the judge is asked with: ``elicit.pairwise_template`` or ``pointwise_template``
+    (by ``elicit.judge``) and ``elicit.judge_rubric``, else :mod:`lmdistill.judging`'s defaults."""
+    if e.judge == "pairwise":
+        return e.pairwise_template or PAIRWISE_TEMPLATE, e.judge_rubric or RUBRIC
+    return e.pointwise_template or POINTWISE_TEMPLATE, e.judge_rubric or RUBRIC
 
 
 def keep_or_reject(row: dict, reason: str | None, kept: list[dict], rejected: list[dict]) -> None:
@@ -121,8 +130,16 @@ class Session:
     def settings(self) -> dict[str, Any]:
         """What produced the rows; compared when a run resumes."""
         out = {"teacher": self.teacher.name, "sampling": self.sampling, "system_prompt": self.e.system_prompt}
-        if self.task == "preferences":
+        e = self.e
+        if self.task == "preferences" or (self.task == "judge" and e.judge_student_samples):
             out["student"] = self.student_provenance()
+        if self.task == "judge":
+            template, rubric = judge_template(e)
+            out["judge"] = {"mode": e.judge, "rubric": rubric, "votes": e.judge_votes, "template": template}
+            if e.judge == "pointwise":
+                out["judge"]["scale"] = [e.score_min, e.score_max]
+        if self.task == "curate":
+            out["template"] = e.curate_template
         return out
 
     def student_provenance(self) -> dict[str, Any]:
