@@ -15,15 +15,19 @@ from pathlib import Path
 
 import pytest
 import torch
+from accelerate import Accelerator
 from safetensors.torch import load_file
 
 import lmdistill.generation as generation
+from lmdistill.checkpoint import read_tree, write_tree
 from lmdistill.config import ConfigError, ModelConfig
-from lmdistill.evaluate.answers import answer_accuracy_counts
 from lmdistill.data.math import answer_correct
+from lmdistill.evaluate.answers import answer_accuracy_counts
 from lmdistill.flops import count_parameters, head_parameters
 from lmdistill.generation import generate
-from lmdistill.methods import METHODS, method_rows
+from lmdistill.losses import trained_window
+from lmdistill.methods import METHODS, RunContext, make_method, method_rows
+from lmdistill.methods.self_improve import Round
 from lmdistill.methods.verify import VERIFIERS, AnswerVerifier, Sample, VerifierSpec
 from lmdistill.models import load_model, load_tokenizer
 from lmdistill.train import fit
@@ -51,7 +55,8 @@ HELD_OUT = 0.15
 def config(data: Path, out: Path, *, student: dict | None = None, method: dict | None = None, **train):
     cfg = tiny_run_config(data, out, student=student or {},
                           method={"name": "self-improve", "max_new_tokens": NEW, **(method or {})},
-                          train={"batch_size": 16, "lr": 1e-3, "warmup_steps": 2, **train}, eval={"max_new_tokens": NEW})
+                          train={"batch_size": 16, "lr": 1e-3, "warmup_steps": 2, **train},
+                          eval={"max_new_tokens": NEW})
     cfg.data.eval_fraction = HELD_OUT
     return cfg
 
@@ -99,6 +104,16 @@ class Recording:
 
 
 @pytest.fixture
+def made(monkeypatch) -> list[dict]:
+    """Every micro-batch the method makes, in order (its `sequences`, recorded)."""
+    out: list[dict] = []
+    cls = METHODS["self-improve"]
+    sequences = cls.sequences
+    monkeypatch.setattr(cls, "sequences", lambda self, b: out.append(sequences(self, b)) or out[-1])
+    return out
+
+
+@pytest.fixture
 def recording(monkeypatch) -> Recording:
     """`method.verifier=recording`, registered through the verifier hook for this test only."""
     rec = Recording()
@@ -140,16 +155,13 @@ class _Everything:
 # --------------------------------------------------------------------------- what is logged, and what is trained
 
 
-def test_each_rounds_accept_rate_is_logged(sums, pretrained, recording, tmp_path, monkeypatch):
+def test_each_rounds_accept_rate_is_logged(sums, pretrained, recording, made, tmp_path):
     """4 steps in 2 rounds of 2, 16 prompts a step (all new: the first 64 of an epoch), N = 3: each step's
     `accept_rate` is the verifier's accepted / drawn over its round so far (reset at step 3), `solve_rate`
     the share of the round's prompts with an accepted sample, `round` 0, 0, 1, 1; and each step trains on
     exactly the accepted answers of its prompts, once each (unique)."""
     cfg = config(sums, tmp_path / "log", student={"path": str(pretrained)},
                  method={"n_samples": 3, "steps_per_round": 2, "verifier": "recording"}, steps=4, log_every=1)
-    made = []
-    sequences = METHODS["self-improve"].sequences
-    monkeypatch.setattr(METHODS["self-improve"], "sequences", lambda self, b: made.append(sequences(self, b)) or made[-1])
     fit(cfg, progress=False)
     rows = read_metrics(cfg.run_dir)
     assert len(recording.calls) == 4 and all(len(s) == 16 * 3 for s, _ in recording.calls)
@@ -210,12 +222,12 @@ def test_a_killed_run_resumes_to_the_same_result(sums, pretrained, tmp_path):
     assert all(torch.equal(wa[k], wb[k]) for k in wa)
 
 
-def test_sampling_and_training_are_counted(sums, pretrained, tmp_path, monkeypatch):
+def test_sampling_and_training_are_counted(sums, pretrained, made, tmp_path, monkeypatch):
     """One step: flops_other is the sampling's closed form (prefill of the real prompt tokens + one position per
     row and later decoding step, at 2·N; the head at each row's prefill position and later step), flops_train
     6·N per token of the accepted sequences (the head on their response window)."""
     cfg = config(sums, tmp_path / "f", student={"path": str(pretrained)}, method={"n_samples": 4}, steps=1)
-    decoded, made = [], []
+    decoded = []
     decode = generation._decode_batch
 
     def recording_decode(model, prompts, **kw):
@@ -224,16 +236,12 @@ def test_sampling_and_training_are_counted(sums, pretrained, tmp_path, monkeypat
         return new
 
     monkeypatch.setattr(generation, "_decode_batch", recording_decode)
-    sequences = METHODS["self-improve"].sequences
-    monkeypatch.setattr(METHODS["self-improve"], "sequences", lambda self, b: made.append(sequences(self, b)) or made[-1])
     fit(cfg, progress=False)
     model = load_model(ModelConfig(path=str(pretrained)), load_tokenizer(cfg.student))
     n, h = count_parameters(model), head_parameters(model)
     ((prefill, rows, steps),) = decoded
     assert rows == 16 * 4
     (b,) = made
-    from lmdistill.losses import trained_window
-
     window = int(b["attention_mask"][:, trained_window(b["labels"])].sum())
     row = read_metrics(cfg.run_dir)[0]
     assert row["flops_other"] == pytest.approx(2 * ((n - h) * (prefill + steps) + h * (rows + steps)), rel=1e-12)
@@ -254,3 +262,18 @@ def test_sampling_and_training_are_counted(sums, pretrained, tmp_path, monkeypat
 def test_bad_options_are_refused_by_name(sums, tmp_path, key, value, message):
     with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace(")", r"\)").replace("[", r"\[")):
         config(sums, tmp_path / "bad", method={key: value})
+
+
+def test_the_round_survives_a_checkpoint_and_another_process_layout(sums, tmp_path):
+    """A round's state through the checkpoint format (empty answer lists included) is the round again; a
+    checkpoint of 2 processes loaded on 1 gives it both processes' answers and their summed counts."""
+    cfg = config(sums, tmp_path / "r")
+    method = make_method(cfg.method, RunContext(cfg=cfg, tokenizer=load_tokenizer(cfg.student),
+                                                accelerator=Accelerator(cpu=True)))
+    first = Round(2, {(1, 5, 6): [[7, 2], [8, 2]], (1, 9): []}, drawn=8, kept=2, prompts=2, solved=1)
+    second = Round(2, {(1, 4): [[3, 2]]}, drawn=4, kept=1, prompts=1, solved=1)
+    write_tree(tmp_path, "method", {"processes": [first.state()]})
+    method.load_state_dict(read_tree(tmp_path, "method"))
+    assert method._round == first
+    method.load_state_dict({"processes": [first.state(), second.state()]})
+    assert method._round == Round(2, {**first.accepted, **second.accepted}, drawn=12, kept=3, prompts=3, solved=2)
