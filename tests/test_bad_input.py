@@ -175,6 +175,10 @@ CASES: list[tuple[str, str, str]] = [
     ("run-teacher-k-negative", RUN + " teacher.k=-1", "cfg.yaml: teacher.k must be >= 0"),
     ("run-unknown-method", RUN + " method.name=nope", "method.name: unknown method 'nope'"),
     ("run-key-of-another-method", RUN + " method.alpha=0.5", "unknown config key method.alpha"),
+    ("run-self-improve-no-samples", RUN + " method.name=self-improve method.n_samples=0",
+     "method.n_samples must be >= 1, got 0"),
+    ("run-self-improve-unknown-verifier", RUN + " method.name=self-improve method.verifier=oracle",
+     "method.verifier: unknown 'oracle'; known: answer"),
     ("run-bad-literal", RUN + " train.mixed_precision=fp8", "train.mixed_precision: 'fp8' is not one of"),
     pytest.param("run-fp16-without-gpu", RUN + " train.mixed_precision=fp16", "train.mixed_precision=fp16: this "
                  "machine has no GPU", marks=pytest.mark.skipif(not CPU_ONLY, reason="a GPU is present")),

@@ -35,6 +35,7 @@ from lmdistill.data import load_rows
 from lmdistill.data.tokenize import IGNORE_INDEX, collate, encode_rows
 from lmdistill.generation import sample_ids
 from lmdistill.methods import METHODS, Method, RunContext, make_method, method_rows
+from lmdistill.methods.verify import VERIFIERS, VerifierSpec
 from lmdistill.models import build_char_tokenizer, load_model
 from lmdistill.teachers.local import LocalTeacher
 from lmdistill.train import step_loss, step_units
@@ -470,6 +471,34 @@ def test_gkd_off_policy_keeps_the_data(data, tmp_path):
     assert_pins(case, got, divergence_sum("jsd", z, zt) / len(y), case.sft_loss(batch))
 
 
+class _KeepFirstAndLast:
+    """Accepts samples 0 and 2 of every prompt's 3 (the method hands them over prompt by prompt)."""
+
+    def accept(self, samples):
+        return [i % 3 in (0, 2) for i in range(len(samples))]
+
+
+def test_self_improve_trains_on_its_accepted_samples(data, tmp_path, monkeypatch):
+    """self-improve with N = 3: each prompt is sampled 3 times (the same as sampling the prompts, each
+    repeated 3 times, with the same seed); a verifier (registered for this test) keeps samples 0 and 2;
+    the batch is exactly those (prompt, sample) rows, in order, and the loss Σ_trained −log s_t(y_{t+1}) / n
+    over them. SFT on the data's responses differs."""
+    monkeypatch.setitem(VERIFIERS, "first-and-last", VerifierSpec(lambda cfg, ctx: _KeepFirstAndLast()))
+    case = make_case(data, tmp_path, {"name": "self-improve", "n_samples": 3, "max_new_tokens": NEW,
+                                      "verifier": "first-and-last", "unique": False})
+    batch = case.sequences(seed=3)
+    prompts = prompts_of(case.data)
+    torch.manual_seed(3)
+    samples = sample_ids(case.student, [p for p in prompts for _ in range(3)], pad_id=TOK.pad_token_id,
+                         eos_id=TOK.eos_token_id, max_new_tokens=NEW)
+    kept = [(p, samples[3 * i + j]) for i, p in enumerate(prompts) for j in (0, 2)]
+    assert prompts_of(batch) == [p for p, _ in kept] and responses_of(batch) == [y for _, y in kept]
+    got, metrics = case.loop_loss(batch)
+    assert metrics["accept_rate"] == (2.0 * B, 3.0 * B) and metrics["solve_rate"] == (1.0 * B, 1.0 * B)
+    ref = ce_sum(case.s_logits(batch), batch["labels"]) / n_trained(batch["labels"])
+    assert_pins(case, got, ref, case.sft_loss(case.data))
+
+
 # --------------------------------------------------------------------------- distillm
 
 
@@ -759,5 +788,5 @@ def test_context_matches_the_teacher_given_the_context(divergence, tmp_path):
 def test_every_registered_method_is_pinned_here():
     """A method registered later must get its test here too."""
     covered = {"sft", "seqkd", "step-by-step", "kd", "akl", "gkd", "distillm", "feedback-kl", "minillm", "dpkd",
-               "hidden", "context"}
+               "hidden", "context", "self-improve"}
     assert set(METHODS) == covered

@@ -30,7 +30,8 @@ from typing import Any, Literal
 
 import numpy as np
 
-__all__ = ["DEFAULT_DIFFICULTY", "MATH_MODULES", "available_math_modules", "generate_math", "normalize_answer"]
+__all__ = ["DEFAULT_DIFFICULTY", "MATH_MODULES", "answer_correct", "available_math_modules", "final_answer", "generate_math",
+           "normalize_answer"]
 
 MATH_MODULES: tuple[str, ...] = (
     "arithmetic__add_or_sub",
@@ -420,3 +421,22 @@ def normalize_answer(text: str) -> str:
         if all(item is not None for item in items):
             return ", ".join(items)  # type: ignore[arg-type]
     return text
+
+
+_ANSWER_MARKER = re.compile(r"####|answer is|answer:", re.IGNORECASE)
+
+
+def final_answer(text: str) -> str:
+    """The final answer of a response: the first line after the last answer marker
+    (``####``, ``answer is``, ``answer:``, any case), else the last non-empty line."""
+    parts = _ANSWER_MARKER.split(text)
+    if len(parts) > 1:
+        lines = [line for line in parts[-1].splitlines() if line.strip()]
+        return lines[0].strip() if lines else ""
+    lines = [line for line in text.splitlines() if line.strip()]
+    return lines[-1].strip() if lines else ""
+
+
+def answer_correct(prediction: str, reference: str) -> bool:
+    """Whether the final answers agree after the math task's normalisation."""
+    return normalize_answer(final_answer(prediction)) == normalize_answer(final_answer(reference))

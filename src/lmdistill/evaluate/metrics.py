@@ -9,8 +9,8 @@ in :mod:`lmdistill.heldout`, divergences to a teacher in :mod:`lmdistill.evaluat
   the Super-NaturalInstructions / MiniLLM / DPKD evaluation scripts.
 - Exact match: equality after SQuAD's normalisation (lower-case, no punctuation, no articles,
   single spaces), as in the same scripts.
-- Answer accuracy: equality of the *final answer* (:func:`final_answer`) after the math task's
-  normalisation (:func:`lmdistill.data.math.normalize_answer`).
+- Answer accuracy: equality of the *final answer* after the math task's normalisation
+  (:func:`lmdistill.data.math.answer_correct`, below the methods, which verify answers with it too).
 - Length buckets (DPKD, Sec. 4.6): references of length <= median, median < length <= mean,
   and > max(median, mean).
 """
@@ -25,7 +25,7 @@ import string
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from lmdistill.data.math import normalize_answer
+from lmdistill.data.math import answer_correct, final_answer  # noqa: F401  (re-exported: answer metrics)
 from lmdistill.heldout import TokenStats  # noqa: F401  (until train.py imports it from lmdistill.heldout)
 
 BUCKET_NAMES = ("<= median", "median-mean", "> mean")
@@ -61,25 +61,6 @@ def normalize_text(text: str) -> str:
 def exact_match(prediction: str, reference: str) -> bool:
     """Whether the two texts are equal after :func:`normalize_text`."""
     return normalize_text(prediction) == normalize_text(reference)
-
-
-_ANSWER_MARKER = re.compile(r"####|answer is|answer:", re.IGNORECASE)
-
-
-def final_answer(text: str) -> str:
-    """The final answer of a response: the first line after the last answer marker
-    (``####``, ``answer is``, ``answer:``, any case), else the last non-empty line."""
-    parts = _ANSWER_MARKER.split(text)
-    if len(parts) > 1:
-        lines = [line for line in parts[-1].splitlines() if line.strip()]
-        return lines[0].strip() if lines else ""
-    lines = [line for line in text.splitlines() if line.strip()]
-    return lines[-1].strip() if lines else ""
-
-
-def answer_correct(prediction: str, reference: str) -> bool:
-    """Whether the final answers agree after the math task's normalisation."""
-    return normalize_answer(final_answer(prediction)) == normalize_answer(final_answer(reference))
 
 
 def text_scores(predictions: Sequence[str], references: Sequence[str]) -> dict[str, list[float]]:
