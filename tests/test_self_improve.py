@@ -28,7 +28,8 @@ from lmdistill.generation import generate
 from lmdistill.losses import trained_window
 from lmdistill.methods import METHODS, RunContext, make_method, method_rows
 from lmdistill.methods.self_improve import Round
-from lmdistill.methods.verify import VERIFIERS, AnswerVerifier, Sample, VerifierSpec
+from lmdistill.methods.verify import VERIFIERS, AnswerVerifier, JudgeVerifier, Sample, VerifierSpec
+from lmdistill.teachers import Capability, Teacher
 from lmdistill.models import load_model, load_tokenizer
 from lmdistill.train import fit
 
@@ -257,7 +258,8 @@ def test_sampling_and_training_are_counted(sums, pretrained, made, tmp_path, mon
     ("max_new_tokens", 0, "method.max_new_tokens must be >= 1, got 0"),
     ("temperature", 0, "method.temperature must be > 0"),
     ("top_p", 1.5, "method.top_p must be in (0, 1]"),
-    ("verifier", "oracle", "method.verifier: unknown 'oracle'; known: answer"),
+    ("verifier", "oracle", "method.verifier: unknown 'oracle'; known: answer, judge"),
+    ("judge_threshold", 11, "method.judge_threshold must be in [1, 10]"),
 ])
 def test_bad_options_are_refused_by_name(sums, tmp_path, key, value, message):
     with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace(")", r"\)").replace("[", r"\[")):
@@ -277,3 +279,60 @@ def test_the_round_survives_a_checkpoint_and_another_process_layout(sums, tmp_pa
     assert method._round == first
     method.load_state_dict({"processes": [first.state(), second.state()]})
     assert method._round == Round(2, {**first.accepted, **second.accepted}, drawn=12, kept=3, prompts=3, solved=2)
+
+
+# --------------------------------------------------------------------------- the judge as verifier
+
+
+class _ScoringTeacher(Teacher):
+    """A text-only teacher that answers a pointwise request with `reply(response)`; records the requests."""
+
+    capability = Capability.TEXT
+
+    def __init__(self, reply) -> None:
+        self.reply, self.asked = reply, []
+
+    def generate(self, prompts, *, max_new_tokens, do_sample=False, temperature=1.0, top_p=1.0, system_prompt=None,
+                 seed=None):
+        self.asked += list(prompts)
+        return [self.reply(p.split("Response:\n")[1].split("\n\nReply")[0]) for p in prompts]
+
+
+def test_the_judge_verifier_keeps_what_the_teacher_scores_at_the_threshold():
+    """Finished samples are asked (unfinished ones are rejected unasked); a score >= the threshold keeps, an
+    unparsed answer or a lower score rejects; the request is elicit judge's pointwise one."""
+    replies = {"49": "Score: 9", "48": "Score: 7", "40": "Score: 6", "47": "I cannot judge this."}
+    teacher = _ScoringTeacher(lambda response: replies[response])
+    verifier = JudgeVerifier(teacher, 7.0)
+    samples = [Sample("47+2=", r, "49", finished=r != "40") for r in ("49", "48", "40", "47")]
+    assert verifier.accept(samples) == [True, True, False, False]
+    assert len(teacher.asked) == 3 and "47+2=" in teacher.asked[0] and "scale of 1 to 10" in teacher.asked[0]
+    assert [v.reason is None for v in verifier.raw] == [True, True, False]
+    assert JudgeVerifier(teacher, 9.5).accept(samples) == [False, False, False, False]
+    assert VERIFIERS["judge"].needs.capability == Capability.TEXT
+
+
+def test_a_judge_that_scores_right_sums_high_trains_as_the_answer_verifier(sums, pretrained, tmp_path, monkeypatch):
+    """2 steps with the judge as verifier, its teacher scoring 9 a sample that is the prompt's sum and 2 any
+    other: the same accept rates, losses and weights as the exact-answer verifier (the judge draws no random
+    numbers, so both runs sample the same answers)."""
+    def score(request: str) -> str:
+        prompt = request.split("Instruction:\n")[1].split("\n\nResponse:")[0]
+        a, b = (int(x) for x in prompt.strip().rstrip("=").split("+"))
+        response = request.split("Response:\n")[1].split("\n\nReply")[0]
+        return "Score: 9" if response.strip() == str(a + b) else "Score: 2"
+
+    teacher = _ScoringTeacher(lambda response: "")
+    teacher.generate = lambda prompts, **kw: (teacher.asked.extend(prompts), [score(p) for p in prompts])[1]
+    monkeypatch.setitem(VERIFIERS, "judge", VerifierSpec(lambda cfg, ctx: JudgeVerifier(teacher, cfg.judge_threshold)))
+    runs = {}
+    for verifier in ("answer", "judge"):
+        cfg = config(sums, tmp_path / verifier, student={"path": str(pretrained)},
+                     method={"n_samples": 3, "steps_per_round": 1, "verifier": verifier}, steps=2, log_every=1)
+        fit(cfg, progress=False)
+        runs[verifier] = cfg.run_dir
+    a, j = (read_metrics(runs[v]) for v in ("answer", "judge"))
+    assert teacher.asked and [r["accept_rate"] for r in a] == [r["accept_rate"] for r in j]
+    assert 0 < a[-1]["accept_rate"] < 1 and [r["loss"] for r in a] == [r["loss"] for r in j]
+    wa, wj = (load_file(str(runs[v] / "model" / "model.safetensors")) for v in ("answer", "judge"))
+    assert all(torch.equal(wa[k], wj[k]) for k in wa)

@@ -48,6 +48,8 @@ class SelfImproveConfig(MethodConfig):
     """Nucleus sampling mass."""
     max_new_tokens: int = 32
     """Length limit of a sample."""
+    judge_threshold: float = 7.0
+    """`verifier=judge`: the least score (1–10) of the teacher's for a sample to be kept."""
     unique: bool = True
     """Train each distinct accepted answer of a prompt once (RFT's distinct paths); false: every accepted sample
     (an easy prompt, answered right N times, weighs N times)."""
@@ -60,6 +62,8 @@ class SelfImproveConfig(MethodConfig):
             raise ValueError(f"method.temperature must be > 0, got {self.temperature}")
         if not 0 < self.top_p <= 1:
             raise ValueError(f"method.top_p must be in (0, 1], got {self.top_p}")
+        if not 1 <= self.judge_threshold <= 10:
+            raise ValueError(f"method.judge_threshold must be in [1, 10] (the judge's scale), got {self.judge_threshold}")
         if self.verifier not in VERIFIERS:
             raise ValueError(f"method.verifier: unknown {self.verifier!r}; known: {', '.join(sorted(VERIFIERS))}")
 

@@ -10,7 +10,12 @@ the teacher, checked before step 1 as a method's needs are:
   ``accuracy`` with); a sample cut at ``method.max_new_tokens`` is rejected (its answer is unfinished).
   Needs no teacher.
 
-A judge (the teacher grades each response) plugs in with :func:`register_verifier`: a factory
+- ``judge``: the teacher grades each finished sample on a 1–10 scale (:func:`lmdistill.judging.pointwise_prompt`,
+  greedy, parsed by :func:`lmdistill.judging.parse_score`, the reader ``elicit judge`` uses) and a sample
+  scoring at least ``method.judge_threshold`` is kept; an unparsed answer rejects. Needs a teacher that
+  generates text (any backend).
+
+Other verifiers plug in with :func:`register_verifier`: a factory
 ``(method options, RunContext) -> Verifier`` (it reaches the teacher as ``ctx.teacher``) and the
 :class:`~lmdistill.teachers.Needs` it has (e.g. ``Needs(Capability.TEXT)``). Its teacher's forwards
 are metered like every teacher's. It must live at this layer or below (``lmdistill.methods`` may
@@ -25,7 +30,8 @@ from typing import TYPE_CHECKING, Protocol
 
 from lmdistill.config import MethodConfig
 from lmdistill.data.math import answer_correct
-from lmdistill.teachers import Needs
+from lmdistill.judging import parse_score, pointwise_prompt
+from lmdistill.teachers import Capability, Needs, Teacher
 
 if TYPE_CHECKING:
     from lmdistill.methods.base import RunContext
@@ -79,3 +85,32 @@ class AnswerVerifier:
 
 register_verifier("answer", lambda cfg, ctx: AnswerVerifier(),
                   help="the exact final answer (math): the sample's final answer equals the reference's")
+
+
+class JudgeVerifier:
+    """Accepts a finished sample that the teacher scores at least `threshold` on `low`–`high` (pointwise, greedy).
+
+    `raw` keeps the last call's answers and parsed verdicts (for inspection)."""
+
+    def __init__(self, teacher: Teacher, threshold: float, *, low: int = 1, high: int = 10,
+                 max_new_tokens: int = 16) -> None:
+        self.teacher, self.threshold, self.low, self.high = teacher, threshold, low, high
+        self.max_new_tokens = max_new_tokens
+        self.raw: list = []
+
+    def accept(self, samples: Sequence[Sample]) -> list[bool]:
+        asked = [i for i, s in enumerate(samples) if s.finished]
+        answers = self.teacher.generate([pointwise_prompt(samples[i].prompt, samples[i].response, low=self.low,
+                                                          high=self.high) for i in asked],
+                                        max_new_tokens=self.max_new_tokens) if asked else []
+        verdicts = [parse_score(a, low=self.low, high=self.high) for a in answers]
+        self.raw = verdicts
+        ok = [False] * len(samples)
+        for i, v in zip(asked, verdicts):
+            ok[i] = v.value is not None and float(v.value) >= self.threshold
+        return ok
+
+
+register_verifier("judge", lambda cfg, ctx: JudgeVerifier(ctx.teacher, cfg.judge_threshold),
+                  needs=Needs(Capability.TEXT),
+                  help="the teacher's pointwise score (1-10) of each finished sample is at least method.judge_threshold")
