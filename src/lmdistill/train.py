@@ -36,7 +36,7 @@ from lmdistill.heldout import TokenStats, heldout_stats
 from lmdistill.io import UserError, atomic_write_json
 from lmdistill.methods import METHODS, Method, RunContext, make_method, method_rows
 from lmdistill.methods.base import ROWS, Batch, Term, term_units
-from lmdistill.models import load_model, load_tokenizer, save_model
+from lmdistill.models import load_model, load_tokenizer
 from lmdistill.prune import student_init
 from lmdistill.teachers import check_needs
 from lmdistill.teachers.cache import HOW_TO_BUILD, CachedTeacher, CacheMiss
@@ -387,6 +387,7 @@ def fit(cfg: RunConfig, *, stop_after: int | None = None, progress: bool = True)
             last_finite = (done, last["loss"])
         if not stop and ((t.eval_every and done % t.eval_every == 0) or done == t.steps):
             last.update(heldout_metrics(model, run.eval_set, run.eval_rows, run.tokenizer, acc, cfg))
+            last.update(method.heldout_metrics(model, run.eval_set))
         if acc.is_main_process and (done % t.log_every == 0 or "eval_ce" in last or done == t.steps or bad):
             with metrics_path.open("a") as f:
                 f.write(json_row(last) + "\n")
@@ -411,7 +412,7 @@ def fit(cfg: RunConfig, *, stop_after: int | None = None, progress: bool = True)
         writer.close()
     weights = acc.get_state_dict(model)  # gathered on every process under FSDP / ZeRO-3
     if acc.is_main_process:
-        save_model(acc.unwrap_model(model), run.tokenizer, cfg.run_dir / rundir.MODEL, state_dict=weights)
+        method.save_model(acc.unwrap_model(model), run.tokenizer, cfg.run_dir / rundir.MODEL, weights)
         atomic_write_json(cfg.run_dir / rundir.SUMMARY, {"config": to_dict(cfg), "final": json.loads(json_row(last)),
                                                          "params": run.n_params})
     acc.wait_for_everyone()
