@@ -178,6 +178,25 @@ def test_rlaif_counts_the_reward_model_at_two_n_per_token(pairs, reward_run):
     assert spent == pytest.approx(reference_flops + 2 * count_parameters(method.reward) * scored, rel=1e-12)
 
 
+@pytest.mark.parametrize("name", ["rlaif", "reward-model"])
+def test_resumes_exactly(name, pairs, reward_run, tmp_path):
+    """rlaif's reference (the start) and the reward model's head are kept in checkpoints: 2 + 2 steps = 4."""
+    def config(out: Path):
+        if name == "rlaif":
+            cfg = rlaif_config(pairs, out, reward_run.run_dir / "model")
+        else:
+            cfg = tiny_run_config(pairs, out, method={"name": "reward-model"})
+        cfg.train.steps, cfg.train.checkpoint_every = 4, 2
+        return cfg
+
+    straight, resumed = config(tmp_path / "a"), config(tmp_path / "b")
+    fit(straight, progress=False)
+    fit(resumed, stop_after=2, progress=False)
+    fit(resumed, progress=False)
+    assert [r["loss"] for r in read_metrics(straight.run_dir)] == pytest.approx(
+        [r["loss"] for r in read_metrics(resumed.run_dir)], rel=1e-5)
+
+
 def test_rlaif_bad_keys_are_named(pairs, reward_run, tmp_path):
     with pytest.raises(ConfigError, match="method.reward_model is required"):
         fit(rlaif_config(pairs, tmp_path / "run0", ""), progress=False)
