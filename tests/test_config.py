@@ -20,7 +20,8 @@ SHIPPED = {
     "elicit_label_math.yaml", "feedback_kl_math.yaml", "gkd_math.yaml", "hidden_math.yaml", "kd_math.yaml",
     "kd_mixture_math.yaml", "minillm_math.yaml", "seqkd_math.yaml", "sft_jsonl.yaml", "sft_math.yaml",
     "step_by_step_math.yaml", "self_improve_math.yaml", "elicit_curate.yaml", "elicit_judge.yaml",
-    "experiments/elicit_instructions.yaml", "experiments/seed000_feedback_kl.yaml",
+    "elicit_preferences_ranked.yaml", "reward_model_instructions.yaml", "rlaif_instructions.yaml",
+    "pro_instructions.yaml", "experiments/elicit_instructions.yaml", "experiments/seed000_feedback_kl.yaml",
     "experiments/seed000_feedback_kl_teacher.yaml", "experiments/seed003_methods.yaml",
     "experiments/seed003_methods_instructions.yaml",
 }

@@ -724,6 +724,87 @@ def test_dpkd_with_data_as_chosen(data, tmp_path):
     assert_pins(case, got, ref, case.sft_loss(batch))
 
 
+def test_pro_is_plackett_luce_over_the_rows_ranking(tmp_path):
+    """dpkd form=pro (β 0.7, λ_lm 0.5): each row ranks K = 3 responses best first; s_k = β·log p_θ(y^k)/|y^k|;
+    loss = 0.5·CE(y¹)/n¹ + Σ_rows Σ_{k<K} [log Σ_{i≥k} exp(s_i) − s_k] / B (PRO, Song et al. 2023)."""
+    path = tmp_path / "ranked.jsonl"
+    with path.open("w") as f:
+        for i in range(16):
+            a, b = 3 + 7 * i % 50, 11 + 13 * i % 40
+            ranking = [str(a + b), f"{a}{b}", f"{b}-{a}!"]
+            f.write(json.dumps({"prompt": f"{a}+{b}=", "response": ranking[0], "ranking": ranking}) + "\n")
+    case = make_case(path, tmp_path, {"name": "dpkd", "form": "pro", "chosen": "data", "beta": 0.7, "lm_weight": 0.5})
+    batch = case.sequences()
+    assert [responses_of(batch, f"rank{j}_") for j in range(3)][0] == responses_of(case.data)
+    got, _ = case.loop_loss(batch)
+    scores = []
+    for j in range(3):
+        labels = batch[f"rank{j}_labels"]
+        n = (labels[:, 1:] != IGNORE_INDEX).sum(1).double()
+        scores.append(0.7 * label_logprobs(case.s_logits(batch, f"rank{j}_"), labels).sum(1) / n)
+    s = torch.stack(scores, 1)  # (B, 3)
+    pl = sum(torch.logsumexp(s[:, k:], dim=1) - s[:, k] for k in range(2)).sum()
+    ce = ce_sum(case.s_logits(batch, "rank0_"), batch["rank0_labels"])
+    ref = 0.5 * ce / n_trained(batch["rank0_labels"]) + pl / B
+    assert_pins(case, got, ref, case.sft_loss(batch))
+
+
+def _last_hidden(model: torch.nn.Module, ids: list[int]) -> torch.Tensor:
+    """(d,) the final (normed) hidden state at the last token of one unpadded sequence."""
+    return model(input_ids=torch.tensor([ids]), output_hidden_states=True).hidden_states[-1][0, -1]
+
+
+def test_reward_model_is_bradley_terry_on_the_last_hidden_state(tmp_path):
+    """reward-model: r(y) = w·h_last(x y) at the last token of each unpadded row (w a random head here: it starts
+    at 0); loss = Σ_pairs −log σ(r(y_w) − r(y_l)) / B. The gradient reaches the head and the body."""
+    path = write_rows(tmp_path / "pairs.jsonl", 16, chosen="{s}", rejected="{b}{a}")
+    case = make_case(path, tmp_path, {"name": "reward-model"})
+    head = case.ctx.modules["score"]
+    with torch.no_grad():
+        head.weight.normal_(0.0, 1.0)
+    batch = case.sequences()
+    got, metrics = case.loop_loss(batch)
+    rewards = {}
+    for j in (0, 1):
+        seqs = [p + y for p, y in zip(prompts_of(batch, f"rank{j}_"), responses_of(batch, f"rank{j}_"))]
+        rewards[j] = torch.stack([_last_hidden(case.student, q) @ head.weight[0] for q in seqs])
+    ref = _softplus_neg(rewards[0] - rewards[1]).sum() / B
+    assert_pins(case, got, ref, case.sft_loss(batch))
+    assert metrics["reward_accuracy"][0] == float((rewards[0] > rewards[1]).sum())
+
+
+def test_rlaif_is_rloo_with_a_kl_penalty(tmp_path, data):
+    """rlaif (k = 2, β = 0.5): for each prompt's samples y_1, y_2 (seeded), R_j = score(y_j) − β·(log p_θ(y_j) −
+    log p_ref(y_j)) with the reward model's score of the unpadded sequence and p_ref the start (the student is
+    changed after the reference is taken, so the penalty is not 0); A_1 = R_1 − R_2, A_2 = −A_1; value
+    −Σ R / (k·P), gradient of −Σ_j A_j·log p_θ(y_j) / (k·P)."""
+    from lmdistill.models import load_reward_model, save_reward_model
+
+    body = load_model(ModelConfig(tokenizer="char", n_layer=1, n_embd=16, n_head=2), TOK, seed=5)
+    save_reward_model(body, torch.randn(1, 16, generator=torch.Generator().manual_seed(0)), TOK, tmp_path / "rm")
+    case = make_case(data, tmp_path, {"name": "rlaif", "reward_model": str(tmp_path / "rm"), "num_samples": 2,
+                                      "kl_coef": 0.5, "max_new_tokens": NEW})
+    start = copy.deepcopy(case.student).requires_grad_(False)
+    _ = case.method._reference.model  # taken now, before the student moves
+    with torch.no_grad():
+        case.student.model.norm.weight.mul_(1.2)
+    batch = case.sequences()
+    assert prompts_of(batch, "sample_") == [p for p in prompts_of(case.data) for _ in range(2)]
+    got, _ = case.loop_loss(batch)
+    labels = batch["sample_labels"]
+    logp = label_logprobs(case.s_logits(batch, "sample_"), labels).sum(1)
+    with torch.no_grad():
+        ref_logp = label_logprobs(start(input_ids=batch["sample_input_ids"],
+                                        attention_mask=batch["sample_attention_mask"]).logits, labels).sum(1)
+        reward, _ = load_reward_model(tmp_path / "rm")
+        seqs = [p + y for p, y in zip(prompts_of(batch, "sample_"), responses_of(batch, "sample_"))]
+        score = torch.stack([reward(input_ids=torch.tensor([q])).logits[0, 0] for q in seqs]).double()
+    R = (score - 0.5 * (logp.detach() - ref_logp)).view(B, 2)
+    A = torch.stack([R[:, 0] - R[:, 1], R[:, 1] - R[:, 0]], 1)
+    ref = -(A * logp.view(B, 2)).sum() / (2 * B)
+    assert_pins(case, got, ref, case.sft_loss(batch), ref_value=-R.sum() / (2 * B))
+
+
 # --------------------------------------------------------------------------- hidden and context
 
 
@@ -788,5 +869,5 @@ def test_context_matches_the_teacher_given_the_context(divergence, tmp_path):
 def test_every_registered_method_is_pinned_here():
     """A method registered later must get its test here too."""
     covered = {"sft", "seqkd", "step-by-step", "kd", "akl", "gkd", "distillm", "feedback-kl", "minillm", "dpkd",
-               "hidden", "context", "self-improve"}
+               "hidden", "context", "self-improve", "reward-model", "rlaif"}
     assert set(METHODS) == covered

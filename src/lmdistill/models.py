@@ -3,11 +3,13 @@
 A model comes from a local Hugging Face directory, a GGUF file (through transformers'
 ``gguf_file=``), or is built new from Llama sizes. Nothing is ever fetched from a hub: loading
 runs with ``local_files_only=True``. A student with ``lora.rank`` > 0 is wrapped in LoRA adapters
-(peft, :func:`add_lora`) as it is loaded, and saved as adapter + merged model (:func:`save_lora`).
+(peft, :func:`add_lora`) as it is loaded, and saved as adapter + merged model (:func:`save_lora`). A reward model is a plain
+``AutoModelForSequenceClassification`` directory with one label (:func:`save_reward_model`, :func:`load_reward_model`).
 """
 
 from __future__ import annotations
 
+import copy
 import math
 import shutil
 import tempfile
@@ -17,7 +19,9 @@ from pathlib import Path
 
 import torch
 from transformers import (
+    AutoConfig,
     AutoModelForCausalLM,
+    AutoModelForSequenceClassification,
     AutoTokenizer,
     LlamaConfig,
     LlamaForCausalLM,
@@ -285,3 +289,54 @@ def _write_dir(directory: Path, write: Callable[[Path], object]) -> None:
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def last_token_index(input_ids: torch.Tensor, pad_id: int) -> torch.Tensor:
+    """(B,) the position of each row's rightmost token that is not `pad_id`: where transformers'
+    ``*ForSequenceClassification`` models read their score (0 for a row of padding only). input_ids (B, T)."""
+    positions = torch.arange(input_ids.shape[1], device=input_ids.device)
+    return (positions * (input_ids != pad_id)).argmax(-1)
+
+
+def save_reward_model(model: PreTrainedModel, head_weight: torch.Tensor, tokenizer: PreTrainedTokenizerFast,
+                      directory: Path, state_dict: dict[str, torch.Tensor] | None = None) -> None:
+    """A causal LM's body with a scalar head, saved as a plain ``AutoModelForSequenceClassification``
+    directory (``num_labels=1``, ``pad_token_id`` the tokenizer's), atomically (:func:`save_model`).
+
+    Its score of a sequence is ``head_weight · h_last`` at :func:`last_token_index`, h_last the body's final
+    (normed) hidden state: what the reward-model method trains. head_weight (1, d); `state_dict`: the causal
+    LM's weights when its own are sharded (default: the model's). Loads with transformers alone.
+    """
+    config = copy.deepcopy(model.config)
+    config.num_labels = 1
+    config.pad_token_id = tokenizer.pad_token_id
+    config.architectures = None
+    reward = AutoModelForSequenceClassification.from_config(config).to(model.dtype)
+    weights = {k: v for k, v in (model.state_dict() if state_dict is None else state_dict).items()
+               if not k.startswith("lm_head.")}
+    weights["score.weight"] = head_weight.detach().to(model.dtype).cpu().reshape(1, -1)
+    reward.load_state_dict(weights, strict=True)
+    save_model(reward, tokenizer, directory)
+
+
+def load_reward_model(path: str | Path, *, dtype: str = "float32") -> tuple[PreTrainedModel, PreTrainedTokenizerFast]:
+    """A reward model directory (:func:`save_reward_model`, or any one-label sequence classifier) and its
+    tokenizer, in eval mode with gradients off. Refuses a directory that is not one (a causal LM would load
+    with a randomly initialised head)."""
+    check_reward_model(path)
+    model = AutoModelForSequenceClassification.from_pretrained(str(path), local_files_only=True,
+                                                               dtype=_DTYPES[dtype])
+    return model.eval().requires_grad_(False), load_tokenizer(ModelConfig(path=str(path)))
+
+
+def check_reward_model(path: str | Path) -> None:
+    """Refuse (FileNotFoundError, ConfigError naming `path`) what is not a reward model directory: reads its
+    config only, so a run can check it before anything is written."""
+    _require_path(ModelConfig(path=str(path)))
+    config = AutoConfig.from_pretrained(str(path), local_files_only=True)
+    kinds = config.architectures or []
+    if not any(a.endswith("ForSequenceClassification") for a in kinds) or config.num_labels != 1:
+        raise ConfigError(f"{path}: not a reward model (architectures {kinds}, num_labels {config.num_labels}); "
+                          "train one with method.name=reward-model, whose run writes <run dir>/model")
+    if config.pad_token_id is None:
+        raise ConfigError(f"{path}: the reward model's config has no pad_token_id (it reads the last non-pad token)")

@@ -37,7 +37,7 @@ from lmdistill.heldout import TokenStats, heldout_stats
 from lmdistill.io import UserError, atomic_write_json
 from lmdistill.methods import METHODS, Method, RunContext, make_method, method_rows
 from lmdistill.methods.base import ROWS, Batch, Term, term_units
-from lmdistill.models import inner_model, is_lora, load_model, load_tokenizer, save_lora, save_model
+from lmdistill.models import inner_model, is_lora, load_model, load_tokenizer, save_lora
 from lmdistill.prune import student_init
 from lmdistill.teachers import check_needs
 from lmdistill.teachers.cache import HOW_TO_BUILD, CachedTeacher, CacheMiss
@@ -402,6 +402,7 @@ def fit(cfg: RunConfig, *, stop_after: int | None = None, progress: bool = True)
             last_finite = (done, last["loss"])
         if not stop and ((t.eval_every and done % t.eval_every == 0) or done == t.steps):
             last.update(heldout_metrics(model, run.eval_set, run.eval_rows, run.tokenizer, acc, cfg))
+            last.update(method.heldout_metrics(model, run.eval_set))
         if acc.is_main_process and (done % t.log_every == 0 or "eval_ce" in last or done == t.steps or bad):
             with metrics_path.open("a") as f:
                 f.write(json_row(last) + "\n")
@@ -431,7 +432,7 @@ def fit(cfg: RunConfig, *, stop_after: int | None = None, progress: bool = True)
         if lora:  # the adapter, and the merged model in model/
             save_lora(student, run.tokenizer, cfg.run_dir / rundir.MODEL, cfg.run_dir / rundir.ADAPTER)
         else:
-            save_model(student, run.tokenizer, cfg.run_dir / rundir.MODEL, state_dict=weights)
+            method.save_model(student, run.tokenizer, cfg.run_dir / rundir.MODEL, weights)
         atomic_write_json(cfg.run_dir / rundir.SUMMARY, {"config": to_dict(cfg), "final": json.loads(json_row(last)),
                                                          "params": run.n_params})
     acc.wait_for_everyone()

@@ -70,6 +70,8 @@ class ElicitConfig:
     """preferences: the student's sampling temperature."""
     student_top_p: float = 1.0
     """preferences, judge: the student's nucleus sampling mass."""
+    num_samples: int = 1
+    """preferences: student samples per prompt. Above 1 needs `rank`: the teacher's response and the samples are ranked by the teacher's length-normalised log-prob into `ranking` (best first; for method.form=pro), chosen the best and rejected the worst."""
     meta_path: str | None = None
     """curate: YAML file of `topics`, `skills` and `formats` (lists of strings); every combination is asked once, in an order drawn with `seed` (example: src/lmdistill/data/curate_meta.yaml)."""
     curate_template: str = (
@@ -108,6 +110,9 @@ class ElicitConfig:
             (0 < self.rouge_threshold <= 1, "rouge_threshold", "must be in (0, 1]"),
             (self.max_rounds >= 0, "max_rounds", "must be >= 0"),
             (self.context_demos >= 0, "context_demos", "must be >= 0"),
+            (self.num_samples >= 1, "num_samples", "must be >= 1"),
+            (self.num_samples == 1 or self.rank, "num_samples",
+             "above 1 needs elicit.rank=true (the teacher ranks the samples)"),
             ("{demos}" in self.expand_template, "expand_template", "must contain {demos}"),
             ("{prompt}" in self.rationale_template, "rationale_template", "must contain {prompt}"),
             ("{topic}" in self.curate_template, "curate_template", "must contain {topic}"),

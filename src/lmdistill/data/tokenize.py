@@ -10,7 +10,7 @@ end of turn, or EOS. Labels are the input ids with every prompt and padding posi
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 from transformers import PreTrainedTokenizerBase
@@ -30,6 +30,9 @@ class Encoded:
     id: str
     teacher_prompt_ids: list[int] | None = None
     """What the teacher sees instead of the prompt (row field `teacher_prompt`, e.g. context + prompt)."""
+    ranked_ids: list[list[int]] | None = None
+    """Response ids of the row's ranked responses, best first (row field `ranked_responses`, e.g. the chosen
+    and rejected of a preference pair), each after the same prompt."""
 
     def for_teacher(self) -> Encoded:
         """The teacher's view: its own prompt followed by the same response ids."""
@@ -68,6 +71,14 @@ def render_response(
     return response + (tokenizer.eos_token or "")
 
 
+def end_of_turn_suffix(tokenizer: PreTrainedTokenizerBase) -> list[int]:
+    """The ids a rendered response has after its EOS (a chat template's newline after the end of turn; none
+    without a template): what a sampled response that stopped at EOS lacks to be laid out as a training row."""
+    ids = tokenizer(render_response(tokenizer, "x", "y"), add_special_tokens=False)["input_ids"]
+    eos = tokenizer.eos_token_id
+    return ids[len(ids) - ids[::-1].index(eos):] if eos in ids else []
+
+
 def encode_row(
     tokenizer: PreTrainedTokenizerBase,
     row: dict,
@@ -76,32 +87,41 @@ def encode_row(
     truncation: str = "response",
     system_prompt: str | None = None,
 ) -> Encoded:
-    """Tokenise one row. Over-long: `truncation="response"` cuts the response's end, `"error"` raises."""
+    """Tokenise one row (and its `ranked_responses`, if any, after the same prompt). Over-long:
+    `truncation="response"` cuts the response's end, `"error"` raises."""
     where = row.get("_where", row.get("id", "?"))
     prompt_ids = tokenizer(render_prompt(tokenizer, row["prompt"], system_prompt), add_special_tokens=False)[
         "input_ids"
     ]
-    response_ids = tokenizer(
-        render_response(tokenizer, row["prompt"], row["response"], system_prompt), add_special_tokens=False
-    )["input_ids"]
     if len(prompt_ids) >= max_length:
         raise DataError(
             f"{where}: field 'prompt' is {len(prompt_ids)} tokens, over data.max_length={max_length} "
             "(no room left for the response)"
         )
-    if len(prompt_ids) + len(response_ids) > max_length:
-        if truncation == "error":
-            raise DataError(
-                f"{where}: field 'response' makes the row {len(prompt_ids) + len(response_ids)} tokens, "
-                f"over data.max_length={max_length} (set data.truncation=response to cut it)"
-            )
-        response_ids = response_ids[: max_length - len(prompt_ids)]
+
+    def response_ids(text: str, what: str) -> list[int]:
+        ids = tokenizer(render_response(tokenizer, row["prompt"], text, system_prompt), add_special_tokens=False)[
+            "input_ids"
+        ]
+        if len(prompt_ids) + len(ids) > max_length:
+            if truncation == "error":
+                raise DataError(
+                    f"{where}: {what} makes the row {len(prompt_ids) + len(ids)} tokens, "
+                    f"over data.max_length={max_length} (set data.truncation=response to cut it)"
+                )
+            ids = ids[: max_length - len(prompt_ids)]
+        return ids
+
+    response = response_ids(row["response"], "field 'response'")
+    ranked_ids = None
+    if row.get("ranked_responses") is not None:
+        ranked_ids = [response_ids(text, "a ranked response") for text in row["ranked_responses"]]
     teacher_prompt_ids = None
     if row.get("teacher_prompt") is not None:  # not limited by max_length: a context is long by nature
         teacher_prompt_ids = tokenizer(render_prompt(tokenizer, row["teacher_prompt"], system_prompt),
                                        add_special_tokens=False)["input_ids"]
-    return Encoded(input_ids=prompt_ids + response_ids, n_prompt=len(prompt_ids), id=str(row.get("id", "")),
-                   teacher_prompt_ids=teacher_prompt_ids)
+    return Encoded(input_ids=prompt_ids + response, n_prompt=len(prompt_ids), id=str(row.get("id", "")),
+                   teacher_prompt_ids=teacher_prompt_ids, ranked_ids=ranked_ids)
 
 
 def encode_rows(tokenizer: PreTrainedTokenizerBase, rows: Sequence[dict], **kwargs) -> list[Encoded]:
@@ -111,7 +131,21 @@ def encode_rows(tokenizer: PreTrainedTokenizerBase, rows: Sequence[dict], **kwar
 
 def collate(examples: Sequence[Encoded], pad_id: int) -> dict[str, torch.Tensor]:
     """Right-padded batch: input_ids, attention_mask, labels, each (B, T); plus the same three with prefix
-    `teacher_` (B, T') when the examples carry a teacher prompt."""
+    `teacher_` (B, T') when the examples carry a teacher prompt; and with ranked responses (K at most per row)
+    the same three with prefix `rank<j>_` for each j < K (prompt + the j-th ranked response; a row with fewer
+    repeats its last) and `ranked_mask` (B, K) bool, the ranked responses each row has."""
+    with_ranked = [e.ranked_ids is not None for e in examples]
+    if any(with_ranked):
+        if not all(with_ranked) or not all(e.ranked_ids for e in examples):
+            raise ValueError("either every example of a batch has ranked responses (at least one) or none has")
+        out = collate([replace(e, ranked_ids=None) for e in examples], pad_id)
+        K = max(len(e.ranked_ids) for e in examples)
+        for j in range(K):
+            ranked = [Encoded(e.input_ids[: e.n_prompt] + e.ranked_ids[min(j, len(e.ranked_ids) - 1)], e.n_prompt, e.id)
+                      for e in examples]
+            out.update({f"rank{j}_{k}": v for k, v in collate(ranked, pad_id).items()})
+        out["ranked_mask"] = torch.tensor([[j < len(e.ranked_ids) for j in range(K)] for e in examples])
+        return out
     with_teacher = [e.teacher_prompt_ids is not None for e in examples]
     if any(with_teacher):
         if not all(with_teacher):

@@ -3,7 +3,10 @@
 Row: ``prompt``, ``chosen``, ``rejected``, ``response`` (= ``chosen``), ``chosen_source``
 (teacher or student). With ``elicit.rank`` also ``teacher_logprob_chosen`` / ``_rejected``: the
 teacher's mean log-prob per response token, the higher one chosen (needs a teacher that
-scores: ``token``). Identical responses and an empty chosen one are refused.
+scores: ``token``), and ``ranking`` (the distinct responses, best first), ``ranking_scores``,
+``ranking_sources``; with ``elicit.num_samples`` = n > 1 the ranking holds the teacher's response
+and n student samples (what ``method.form=pro`` trains on), chosen the best and rejected the worst.
+Identical responses and an empty chosen one are refused.
 """
 
 from __future__ import annotations
@@ -53,34 +56,53 @@ def teacher_mean_logprobs(teacher: Teacher, prompts: Sequence[str], responses: S
 
 
 def elicit_preferences(s: Session, batch: Batch, seed: int) -> Rows:
-    """(kept, rejected) pairs of the teacher's response and a student sample for each prompt of `batch`."""
+    """(kept, rejected) pairs of the teacher's response and a student sample for each prompt of `batch`
+    (with ``elicit.num_samples`` > 1 and ``elicit.rank``: the teacher's response and every sample, ranked)."""
     prompts = [r["prompt"] for r in batch]
     teacher_out = [t.strip() for t in s.generate(prompts, seed)]
-    student_seed = batch_seed(seed, "student")
-    student_out = [t.strip() for t in s.sample_student(prompts, student_seed)]
-    if s.e.rank:
-        t_scores = teacher_mean_logprobs(s.teacher, prompts, teacher_out, system_prompt=s.e.system_prompt)
-        s_scores = teacher_mean_logprobs(s.teacher, prompts, student_out, system_prompt=s.e.system_prompt)
+    # The first sample's seed is what a single sample always had, so earlier outputs resume unchanged.
+    seeds = [batch_seed(seed, "student")] + [batch_seed(seed, "student", j) for j in range(1, s.e.num_samples)]
+    samples = [[t.strip() for t in s.sample_student(prompts, sd)] for sd in seeds]  # (num_samples, B)
     kept: list[dict] = []
     rejected: list[dict] = []
+    candidates = [_candidates(teacher_out[i], [sample[i] for sample in samples]) for i in range(len(batch))]
+    if s.e.rank:
+        flat = [(p, text) for p, cands in zip(prompts, candidates) for text, _ in cands]
+        flat_scores = iter(teacher_mean_logprobs(s.teacher, [p for p, _ in flat], [t for _, t in flat],
+                                                 system_prompt=s.e.system_prompt))
+        scores = [[next(flat_scores) for _ in cands] for cands in candidates]
     for i, r in enumerate(batch):
-        chosen, other, source = teacher_out[i], student_out[i], "teacher"
+        cands = candidates[i]
         row: dict[str, Any] = {"id": r["id"], "prompt": r["prompt"]}
         reason = None
         if s.e.rank:
-            ts, ss = t_scores[i], s_scores[i]
-            if not (math.isfinite(ts) and math.isfinite(ss)):
+            order = list(range(len(cands)))
+            if all(math.isfinite(x) for x in scores[i]):
+                order.sort(key=lambda j: -scores[i][j])  # stable: a tie keeps the teacher's response first
+            else:
                 reason = "the teacher scored no token of a response"
-            elif ss > ts:
-                chosen, other, source = other, chosen, "student"
-                ts, ss = ss, ts
-            row.update(teacher_logprob_chosen=ts if math.isfinite(ts) else None,
-                       teacher_logprob_rejected=ss if math.isfinite(ss) else None)
+            cands = [cands[j] for j in order]
+            ranked = [scores[i][j] if math.isfinite(scores[i][j]) else None for j in order]
+            row.update(teacher_logprob_chosen=ranked[0], teacher_logprob_rejected=ranked[-1])
+            row.update(ranking=[t for t, _ in cands], ranking_scores=ranked, ranking_sources=[src for _, src in cands])
+        (chosen, source), (other, _) = cands[0], cands[-1]
         row.update(response=chosen, chosen=chosen, rejected=other, chosen_source=source)
-        if reason is None and chosen == other:
+        if reason is None and len(cands) < 2:
             reason = "teacher and student responses are identical"
         elif reason is None and not chosen:
             reason = "empty chosen response"
-        row["provenance"] = s.provenance(seed, student={**s.student_provenance(), "seed": student_seed})
+        student = {**s.student_provenance(), "seed": seeds[0]}
+        if len(seeds) > 1:
+            student["seeds"] = seeds
+        row["provenance"] = s.provenance(seed, student=student)
         keep_or_reject(row, reason, kept, rejected)
     return kept, rejected
+
+
+def _candidates(teacher: str, samples: list[str]) -> list[tuple[str, str]]:
+    """(response, source) of the teacher's response and the student's samples, each text once (first kept);
+    a single response stands for both sides of an identical pair."""
+    out: dict[str, str] = {}
+    for text, source in [(teacher, "teacher"), *((x, "student") for x in samples)]:
+        out.setdefault(text, source)
+    return list(out.items())

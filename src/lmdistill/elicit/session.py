@@ -143,9 +143,12 @@ class Session:
         return out
 
     def student_provenance(self) -> dict[str, Any]:
-        return {"name": f"student:{self.cfg.student.path or 'new'}",
-                "sampling": {"max_new_tokens": self.e.max_new_tokens, "do_sample": True,
-                             "temperature": self.e.student_temperature, "top_p": self.e.student_top_p}}
+        out = {"name": f"student:{self.cfg.student.path or 'new'}",
+               "sampling": {"max_new_tokens": self.e.max_new_tokens, "do_sample": True,
+                            "temperature": self.e.student_temperature, "top_p": self.e.student_top_p}}
+        if self.e.num_samples > 1:  # absent for one sample, so that earlier outputs still resume
+            out["samples"] = self.e.num_samples
+        return out
 
     def provenance(self, seed: int, **extra: Any) -> dict[str, Any]:
         """Per-row provenance: task, teacher, sampling (with the seed), system prompt, time (UTC)."""

@@ -14,6 +14,9 @@ Teacher-mixed sampling draws y from p̃ = α·q + (1−α)·s; each token's grad
 w_t = s_t(y_t) / p̃_t(y_t) (Eq. 8, the per-token approximation), and the weighted ratio is clipped
 as in PPO (``ppo_clip_loss``).
 
+``rloo_loss`` is REINFORCE against a scalar reward of whole sequences with the leave-one-out baseline
+over k samples per prompt (RLAIF against a distilled reward model).
+
 Per-token tensors here are aligned to the labels, as :func:`token_logprobs` returns them: position
 t holds the quantity of token y_t given y_<t; ``mask`` (B, T) bool marks the response tokens.
 """
@@ -27,6 +30,7 @@ from torch import Tensor
 
 from ._common import compute_dtype
 from .divergences import rkl
+from .score_function import leave_one_out_baseline
 from .sequence import token_logprobs
 
 
@@ -157,3 +161,53 @@ def minillm_loss(
         "tokens": float(mask.sum()),
     }
     return loss, stats
+
+
+def rloo_loss(
+    seq_logprobs: Tensor,
+    scores: Tensor,
+    reference_logprobs: Tensor | None = None,
+    *,
+    kl_coef: float = 0.0,
+) -> tuple[Tensor, dict[str, float]]:
+    """REINFORCE leave-one-out (Kool et al. 2019; RLOO, Ahmadian et al. 2024, Eq. 5) on k samples per prompt.
+
+    Each sample y_ij ~ p_θ(·|x_i) (j = 1..k) gets one reward at its end, the reward model's score minus the
+    KL penalty to a reference model, summed over its tokens (the sampled estimate of KL(p_θ ‖ p_ref)):
+
+        R_ij = score_ij − kl_coef · (log p_θ(y_ij|x_i) − log p_ref(y_ij|x_i))        (no gradient)
+        A_ij = R_ij − (1/(k−1)) Σ_{l≠j} R_il                                          (leave one out)
+        value = −(1/k) Σ_ij R_ij,   ∇value = −(1/k) Σ_ij A_ij ∇log p_θ(y_ij|x_i)
+
+    The baseline of y_ij depends only on the other samples, so E[∇value] = −Σ_i ∇E_{y~p_θ}[R(x_i, y)]:
+    unbiased, the penalty's own dependence on θ included (its score-function part has expectation 0).
+
+    Args:
+        seq_logprobs: (P, k) log p_θ(y_ij|x_i) summed over each sample's tokens, with gradient; k ≥ 2.
+        scores: (P, k) the reward model's score of each sample (no gradient taken).
+        reference_logprobs: (P, k) log p_ref(y_ij|x_i) (no gradient); needed when kl_coef > 0.
+        kl_coef: β of the KL penalty.
+
+    Returns:
+        (loss, stats): loss summed over the P prompts (a float32+ scalar; the mean over a prompt's k samples),
+        stats as sums over the P·k samples: ``score``, ``kl`` (the sampled sequence KL), ``reward`` (R).
+    """
+    if seq_logprobs.dim() != 2 or seq_logprobs.shape != scores.shape:
+        raise ValueError(f"seq_logprobs {tuple(seq_logprobs.shape)} and scores {tuple(scores.shape)} must be one "
+                         "(prompts, k) shape")
+    k = seq_logprobs.shape[1]
+    if k < 2:
+        raise ValueError(f"the leave-one-out baseline needs k >= 2 samples per prompt, got {k}")
+    if kl_coef != 0 and reference_logprobs is None:
+        raise ValueError(f"kl_coef={kl_coef} needs the reference model's log-probs")
+    dtype = compute_dtype(seq_logprobs.dtype, scores.dtype)
+    logp = seq_logprobs.to(dtype)
+    with torch.no_grad():
+        kl = logp.detach() - reference_logprobs.to(dtype) if reference_logprobs is not None else torch.zeros_like(logp)
+        rewards = scores.detach().to(dtype) - kl_coef * kl  # (P, k)
+        ones = torch.ones_like(rewards, dtype=torch.bool)
+        advantages = rewards - leave_one_out_baseline(rewards.T, ones.T).T  # (P, k)
+    surrogate = -(advantages * logp).sum() / k
+    value = -rewards.sum() / k
+    stats = {"score": float(scores.detach().sum()), "kl": float(kl.sum()), "reward": float(rewards.sum())}
+    return surrogate - surrogate.detach() + value, stats

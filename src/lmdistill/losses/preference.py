@@ -8,7 +8,9 @@ the Bradley–Terry probability that the teacher's output y_w beats the student'
     L = −log σ(β·h)                                           (each log-ratio / |y| if length-normalised)
 
 which is DPO (Rafailov et al. 2023) with the teacher as the reference model. The variants
-(IPO, CPO, SimPO) are the preference forms of the paper's §4.4.
+(IPO, CPO, SimPO) are the preference forms of the paper's §4.4. ``bradley_terry`` is the pairwise
+likelihood they share (a reward model's loss); ``plackett_luce`` its listwise extension and ``pro``
+the listwise form on a ranking of K responses (registry ``LISTWISE_FORMS``).
 
 Inputs are per-sequence log-prob sums (B,) (see ``sequence_logprobs``); every function returns
 ``(loss, metrics)``: the loss is the mean over the batch (float32 at least), and the metrics are
@@ -26,6 +28,7 @@ from __future__ import annotations
 
 from typing import Literal, Protocol
 
+import torch
 import torch.nn.functional as F
 from torch import Tensor
 
@@ -93,8 +96,25 @@ def dpo(
     """
     chosen = _log_ratio(policy_chosen, reference_chosen, chosen_len, length_normalize, "chosen")
     rejected = _log_ratio(policy_rejected, reference_rejected, rejected_len, length_normalize, "rejected")
-    loss = _reduce(-F.logsigmoid(beta * (chosen - rejected)), reduction)
-    return loss, _metrics(beta * chosen, beta * rejected, reduction)
+    return bradley_terry(beta * chosen, beta * rejected, reduction=reduction)
+
+
+def bradley_terry(reward_chosen: Tensor, reward_rejected: Tensor, *,
+                  reduction: PairReduction = "mean") -> tuple[Tensor, Metrics]:
+    """Bradley–Terry (1952) negative log-likelihood of the preference y_w ≻ y_l: −log σ(r_w − r_l).
+
+    The loss of a reward model on preference pairs (Ouyang et al. 2022, Eq. 1; Stiennon et al. 2020),
+    and of DPO with r = β·log π/π_ref. Equal rewards give log 2.
+
+    Args:
+        reward_chosen, reward_rejected: (B,) scalar rewards r(x, y_w), r(x, y_l).
+        reduction: "mean" over the pairs, or "sum" (loss and metrics alike).
+    Returns:
+        (loss, metrics), metrics of the rewards as given.
+    """
+    chosen, rejected = _float(reward_chosen), _float(reward_rejected)
+    loss = _reduce(-F.logsigmoid(chosen - rejected), reduction)
+    return loss, _metrics(chosen, rejected, reduction)
 
 
 def dpkd(
@@ -196,6 +216,84 @@ def simpo(
     loss = _reduce(-F.logsigmoid(chosen - rejected - gamma), reduction)
     return loss, _metrics(chosen, rejected, reduction)
 
+
+# --- listwise: a ranking of K responses ------------------------------------------------------------
+
+
+def plackett_luce(scores: Tensor, mask: Tensor | None = None, *, reduction: PairReduction = "mean") -> Tensor:
+    """Plackett–Luce negative log-likelihood of each row's ranking, best first (Plackett 1975; Luce 1959).
+
+        −log P(y¹ ≻ y² ≻ … ≻ yᴷ) = −Σ_{k=1}^{K−1} [ s_k − log Σ_{i=k}^{K} exp(s_i) ]
+
+    With K = 2 this is Bradley–Terry, −log σ(s_1 − s_2). Equal scores give log K!.
+
+    Args:
+        scores: (B, K) the score of each row's responses in rank order (column 0 the best).
+        mask: (B, K) bool, the responses each row has: a prefix of its columns (rows may rank fewer than
+            K; a row with one response contributes 0). None: all.
+        reduction: "mean" over the rows, or "sum".
+    Returns:
+        The loss (float32 at least).
+    """
+    s = _float(scores)
+    if mask is None:
+        mask = torch.ones_like(s, dtype=torch.bool)
+    if mask.shape != s.shape or mask.dtype != torch.bool:
+        raise ValueError(f"mask must be a bool tensor of the scores' shape {tuple(s.shape)}, got "
+                         f"{mask.dtype} {tuple(mask.shape)}")
+    if (mask[:, 1:] & ~mask[:, :-1]).any():
+        raise ValueError("mask must mark a prefix of each row's ranked responses (no gap before a kept one)")
+    # A finite fill, not −inf: a column with no response left would make logsumexp's backward 0·inf.
+    filled = torch.where(mask, s, torch.finfo(s.dtype).min / 4)
+    tail = torch.logcumsumexp(filled.flip(-1), dim=-1).flip(-1)  # (B, K): log Σ_{i ≥ k} exp(s_i)
+    counted = mask.clone()
+    counted[:, :-1] &= mask[:, 1:]  # the last ranked response's term is log 1
+    counted[:, -1] = False
+    return _reduce(torch.where(counted, tail - s, 0.0).sum(-1), reduction)
+
+
+def pro(
+    policy: Tensor,
+    lengths: Tensor,
+    mask: Tensor | None = None,
+    *,
+    beta: float = 1.0,
+    length_normalize: bool = True,
+    reduction: PairReduction = "mean",
+) -> tuple[Tensor, Metrics]:
+    """PRO (Song et al. 2023, "Preference Ranking Optimization for Human Alignment", Eq. 6): Plackett–Luce
+    over the policy's own scores of K responses ranked by a teacher or judge, best first.
+
+        s_k = β · log p_θ(y^k|x) / |y^k|          (without ``length_normalize``: β · log p_θ(y^k|x))
+        L   = −Σ_{k<K} log [ exp(s_k) / Σ_{i ≥ k} exp(s_i) ]
+
+    No reference model; the paper adds SFT on y¹ (a method's ``lm_weight``·CE on the best response). Its
+    reward-model-dependent temperatures are not applied (every T = 1/β). With K = 2 and ``length_normalize``
+    this is SimPO with γ = 0.
+
+    Args:
+        policy: (B, K) log p_θ(y^k|x) (sums over tokens), column 0 the best.
+        lengths: (B, K) token counts |y^k| (clamped at 1).
+        mask: (B, K) bool, the responses each row ranks (a prefix); None: all.
+        beta: β, the scale of the scores.
+        length_normalize: divide each log-prob by its length (the paper's score).
+        reduction: "mean" over the rows, or "sum" (loss and metrics alike).
+    Returns:
+        (loss, metrics): the metrics of the scores of the best (chosen) and the worst ranked (rejected) response.
+    """
+    logp = _float(policy)
+    if length_normalize:
+        logp = logp / lengths.to(logp.dtype).clamp(min=1)
+    scores = beta * logp
+    if mask is None:
+        mask = torch.ones_like(scores, dtype=torch.bool)
+    loss = plackett_luce(scores, mask, reduction=reduction)
+    last = (mask.sum(-1) - 1).clamp(min=0)  # (B,)
+    return loss, _metrics(scores[:, 0], scores.gather(-1, last[:, None]).squeeze(-1), reduction)
+
+
+LISTWISE_FORMS = {"pro": pro}
+"""Listwise preference forms by name: each takes (B, K) log-prob sums of ranked responses, their lengths and mask."""
 
 
 # --- the forms behind one signature ---------------------------------------------------------------

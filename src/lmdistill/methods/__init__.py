@@ -11,8 +11,8 @@ from pathlib import Path
 
 from lmdistill import config
 from lmdistill.config import MethodConfig, RunConfig
-from lmdistill.methods import distill, distillm, hidden, minillm, preference, sequence, sft  # noqa: F401  (registers)
-from lmdistill.methods import self_improve  # noqa: F401  (registers)
+from lmdistill.methods import (distill, distillm, hidden, minillm, preference, reward_model, rlaif,  # noqa: F401
+                               self_improve, sequence, sft)  # (registers)
 from lmdistill.methods.base import METHODS, ROWS, Loss, Method, RunContext, Term, make_method, method_rows, register
 
 

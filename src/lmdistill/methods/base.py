@@ -12,6 +12,7 @@ depend on how the global batch is split and no method scales its terms to surviv
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import TYPE_CHECKING, ClassVar
 
 import torch
@@ -19,8 +20,9 @@ import torch
 from lmdistill.config import MethodConfig, RunConfig
 from lmdistill.data import load_rows
 from lmdistill.data.rows import DataError
-from lmdistill.data.tokenize import response_token_count
+from lmdistill.data.tokenize import Encoded, response_token_count
 from lmdistill.flops import FlopMeter
+from lmdistill.models import save_model
 from lmdistill.teachers.base import Needs, Teacher
 
 if TYPE_CHECKING:
@@ -127,6 +129,18 @@ class Method:
         the saved model. Default: none.
         """
         return {}
+
+    def heldout_metrics(self, model: torch.nn.Module, examples: list[Encoded]) -> dict[str, float]:
+        """The method's own held-out numbers, logged with the loop's at every evaluation (e.g. a reward model's
+        pairwise accuracy). `examples`: the held-out rows as the loop encoded them. Called on every process,
+        which must agree on the result. Default: none."""
+        return {}
+
+    def save_model(self, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, directory: Path,
+                   state_dict: dict[str, torch.Tensor] | None) -> None:
+        """Write the trained model to `directory` at the end of the run (main process only; `state_dict` as
+        :func:`lmdistill.models.save_model` takes it). Default: the student as a plain HF directory."""
+        save_model(model, tokenizer, directory, state_dict=state_dict)
 
     def state_dict(self) -> dict:
         """Method state that a checkpoint must keep (replay buffers, counters, teacher outputs).

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+
 import torch
 from accelerate.utils import gather_object
 from transformers import LogitsProcessorList, PreTrainedModel
@@ -124,3 +126,35 @@ def outputs_from_state(state: dict[str, torch.Tensor]) -> dict[tuple[int, ...], 
 def with_prefix(batch: Batch, extra: Batch, prefix: str) -> Batch:
     """`batch` plus `extra`'s tensors under prefixed keys (e.g. `sample_input_ids`)."""
     return {**batch, **{prefix + k: v for k, v in extra.items()}}
+
+
+class FrozenStart:
+    """The student as it was when the run started, frozen: DPO's reference model, RLAIF's KL anchor.
+
+    Copied from the prepared student at its first use (before the first optimizer step) and kept in the
+    method's checkpoints, so a resumed run compares with the same start. A deep copy keeps the student's
+    FLOP-meter hook, which counts the frozen copy's forwards at 2·N.
+    """
+
+    def __init__(self, ctx: RunContext) -> None:
+        self.ctx = ctx
+        self._model: torch.nn.Module | None = None
+
+    def _copy(self) -> torch.nn.Module:
+        unwrapped = self.ctx.accelerator.unwrap_model(self.ctx.model)
+        return copy.deepcopy(unwrapped).eval().requires_grad_(False)
+
+    @property
+    def model(self) -> torch.nn.Module:
+        if self._model is None:
+            self._model = self._copy()
+        return self._model
+
+    def state_dict(self) -> dict:
+        """``{"reference": weights}`` once the copy exists, else empty."""
+        return {"reference": self._model.state_dict()} if self._model is not None else {}
+
+    def load_state_dict(self, state: dict) -> None:
+        if "reference" in state:
+            self._model = self._copy()
+            self._model.load_state_dict(state["reference"])
