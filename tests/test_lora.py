@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 from dataclasses import replace
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -18,6 +19,7 @@ from lmdistill.config import ConfigError, LoraConfig, RunConfig
 from lmdistill.flops import FlopMeter, count_parameters, head_parameters, train_cost
 from lmdistill.losses import prediction_mask, trained_window
 from lmdistill.methods import METHODS
+from lmdistill.methods.verify import VERIFIERS, VerifierSpec
 from lmdistill.models import build_char_tokenizer, inner_model, load_model, load_tokenizer
 from lmdistill.train import fit
 
@@ -126,11 +128,24 @@ METHOD_RUNS = {
     "hidden": ({"name": "hidden"}, {}),
     "step-by-step": ({"name": "step-by-step"}, None),
     "context": ({"name": "context"}, {}),
+    "self-improve": ({"name": "self-improve", "n_samples": 2, "max_new_tokens": 4, "verifier": "everything"}, None),
 }
 
 
+REFUSED = {"reward-model", "rlaif"}
+"""Methods that refuse a LoRA student (they save or copy the student their own way)."""
+
+
 def test_every_method_is_covered():
-    assert {m["name"] for m, _ in METHOD_RUNS.values()} == set(METHODS)
+    assert {m["name"] for m, _ in METHOD_RUNS.values()} | REFUSED == set(METHODS)
+
+
+@pytest.mark.parametrize("name", sorted(REFUSED))
+def test_methods_that_save_their_own_way_refuse_a_lora_student(name, data, tmp_path):
+    cfg = tiny_run_config(data, tmp_path / name, student={"lora": LORA}, method={"name": name})
+    with pytest.raises(ConfigError, match=f"student.lora: method.name={name} does not train LoRA students"):
+        fit(cfg, progress=False)
+    assert not (tmp_path / name / "model").exists()
 
 
 @pytest.fixture(scope="module")
@@ -144,8 +159,11 @@ def rich_data(data, tmp_path_factory) -> Path:
 
 
 @pytest.mark.parametrize("label", sorted(METHOD_RUNS))
-def test_every_method_trains_only_the_adapters(label, rich_data, teacher_dir, tmp_path):
+def test_every_method_trains_only_the_adapters(label, rich_data, teacher_dir, tmp_path, monkeypatch):
     method, teacher = METHOD_RUNS[label]
+    # self-improve: a random start gets no sum right, so every sample is kept (for this test only)
+    monkeypatch.setitem(VERIFIERS, "everything", VerifierSpec(lambda cfg, ctx: SimpleNamespace(
+        accept=lambda samples: [True] * len(samples))))
     section = {"kind": "local", "model": {"path": str(teacher_dir)}, **teacher} if teacher is not None else {}
     cfg = tiny_run_config(rich_data, tmp_path / label, student={"lora": {**LORA, "target_modules": ["q_proj", "o_proj",
                                                                                                     "down_proj"]}},

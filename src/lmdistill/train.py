@@ -173,6 +173,9 @@ def setup(cfg: RunConfig) -> Run:
     if cfg.student.lora.rank and accelerator.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED):
         raise ConfigError(f"student.lora under {accelerator.distributed_type.value} is not supported (its checkpoints "
                           "and merged save are untested there): launch LoRA runs on one process or with DDP")
+    if cfg.student.lora.rank and not METHODS[cfg.method.name].supports_lora:
+        raise ConfigError(f"student.lora: method.name={cfg.method.name} does not train LoRA students (its model is "
+                          "saved its own way; untested with adapters): set student.lora.rank=0")
     if t.batch_size % (accelerator.num_processes * t.grad_accum):
         raise ConfigError(f"train.batch_size={t.batch_size} must be divisible by processes "
                           f"({accelerator.num_processes}) x train.grad_accum ({t.grad_accum})")

@@ -90,6 +90,8 @@ class Method:
 
     name: ClassVar[str] = ""
     config_class: ClassVar[type[MethodConfig]] = MethodConfig
+    supports_lora: ClassVar[bool] = True
+    """False: a run with `student.lora` is refused (the method saves or copies the student its own way)."""
     needs: ClassVar[Needs] = Needs()
     """What the method needs from its teacher (default: no teacher); see :meth:`teacher_needs`."""
 

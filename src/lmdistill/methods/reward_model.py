@@ -54,6 +54,7 @@ class RewardModel(Method):
     """Bradley–Terry reward model on preference pairs (Ouyang et al. 2022 §3.5; Stiennon et al. 2020)."""
 
     name = "reward-model"
+    supports_lora = False
     config_class = MethodConfig
 
     @classmethod

@@ -75,6 +75,7 @@ class RLAIF(Method):
     """REINFORCE leave-one-out against a distilled reward model, KL-regularised to the starting student."""
 
     name = "rlaif"
+    supports_lora = False
     config_class = RLAIFConfig
 
     @classmethod
