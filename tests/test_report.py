@@ -87,6 +87,18 @@ def test_groups_labels_and_teacher_row(runs_with_teacher):
     assert {r.task for r in rows} == {"dolly"}
 
 
+def test_options_added_since_some_runs_ran_do_not_label_them(runs_with_teacher):
+    """Runs made by a later lmdistill have config keys the earlier ones lack (new options at their defaults):
+    the labels still name only what differs among the runs that have a key."""
+    for name in ("kd_a10_s1", "kd_a10_s2", "sft_s1"):  # the earlier runs: no lora sections
+        path = runs_with_teacher / name / "config.yaml"
+        d = yaml.safe_load(path.read_text())
+        del d["student"]["lora"], d["teacher"]["model"]["lora"]
+        path.write_text(yaml.safe_dump(d))
+    rows = organize([load_run(p) for p in find_runs([runs_with_teacher])])
+    assert [r.label for r in rows] == ["teacher", "kd alpha=0.5", "kd alpha=1", "sft"]
+
+
 def test_an_evaluation_only_model_is_its_own_untrained_row(runs_with_teacher):
     """A pruned start evaluated with the students' config (even method sft) is not a seed of the trained sft."""
     t_path = str(runs_with_teacher / "teacher" / "model")

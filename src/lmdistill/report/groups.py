@@ -47,14 +47,17 @@ def task_key(run: Run) -> str:
     return json.dumps(sorted((k, v) for k, v in run.config.items() if k.startswith("data.")), default=str)
 
 
-def _varying(runs: Sequence[Run], keys: Callable[[str], bool]) -> list[str]:
-    """Config keys (passing `keys`) whose values differ among `runs`, in config order."""
+def varying(runs: Sequence[Run], keys: Callable[[str], bool]) -> list[str]:
+    """Config keys (passing `keys`) whose values differ among the `runs` that have them, in config order.
+
+    A key that some runs' configs lack is an option added to lmdistill after they ran (they ran with its
+    default behaviour): it tells them apart only where the runs that have it differ."""
     order: dict[str, None] = {}
     for r in runs:
         for k in r.config:
             if keys(k):
                 order.setdefault(k, None)
-    return [k for k in order if len({json.dumps(r.config.get(k), default=str) for r in runs}) > 1]
+    return [k for k in order if len({json.dumps(r.config[k], default=str) for r in runs if k in r.config}) > 1]
 
 
 def short_value(value: Any) -> str:
@@ -82,7 +85,7 @@ def task_labels(runs: Sequence[Run]) -> dict[str, str]:
     out = {}
     for tk, name in base.items():
         same = [firsts[t] for t, n in base.items() if n == name]
-        extra = _varying(same, lambda k: k.startswith("data.") and k not in ("data.train_path", "data.eval_path"))
+        extra = varying(same, lambda k: k.startswith("data.") and k not in ("data.train_path", "data.eval_path"))
         out[tk] = name + "".join(f" {k.split('.', 1)[1]}={short_value(firsts[tk].config.get(k))}" for k in extra)
     return out
 
@@ -99,7 +102,7 @@ def variant_labels(runs: Sequence[Run]) -> dict[str, str]:
     out = {}
     for vk, r in firsts.items():
         same = [x for x in firsts.values() if x.method == r.method]
-        keys = _varying(same, lambda k: not k.startswith(IGNORED_PREFIXES) and k not in IGNORED_KEYS
+        keys = varying(same, lambda k: not k.startswith(IGNORED_PREFIXES) and k not in IGNORED_KEYS
                         and not k.startswith("data.") and k != "method.name")
         if len(keys) > MAX_LABEL_KEYS:
             out[vk] = _strip_seed(str(r.config.get("name", r.path.name)))

@@ -33,7 +33,7 @@ from pathlib import Path
 from typing import Any
 
 from lmdistill.io import atomic_write_text
-from lmdistill.report.groups import IGNORED_KEYS, IGNORED_PREFIXES, organize
+from lmdistill.report.groups import IGNORED_KEYS, IGNORED_PREFIXES, organize, varying
 from lmdistill.report.runs import ReportError, Run, find_runs, load_run
 from lmdistill.rundir import EVAL, short_keys
 
@@ -112,12 +112,7 @@ def _jsonable(value: Any) -> Any:
 
 def _varied_keys(runs: Sequence[Run]) -> list[str]:
     """Config keys whose values differ among `runs` (not the seed, name, cadence, eval or method name)."""
-    order: dict[str, None] = {}
-    for r in runs:
-        for k in r.config:
-            if k not in IGNORED_KEYS and not k.startswith(IGNORED_PREFIXES) and k != "method.name":
-                order.setdefault(k, None)
-    return [k for k in order if len({json.dumps(r.config.get(k), default=str) for r in runs}) > 1]
+    return varying(runs, lambda k: k not in IGNORED_KEYS and not k.startswith(IGNORED_PREFIXES) and k != "method.name")
 
 
 def _block(path: str | Path | None) -> dict[str, float] | None:
