@@ -177,9 +177,12 @@ def setup(cfg: RunConfig) -> Run:
     enc_kw = dict(max_length=cfg.data.max_length, truncation=cfg.data.truncation, system_prompt=cfg.data.system_prompt)
     train_set = encode_rows(tokenizer, train_rows, **enc_kw)
     eval_set = encode_rows(tokenizer, eval_rows[: cfg.eval.max_eval_rows], **enc_kw)
-    teacher = load_teacher(cfg.teacher, tokenizer, accelerator.device)
     method_cls = METHODS[cfg.method.name]
-    check_needs(cfg.method.name, method_cls.teacher_needs(cfg.method), teacher)
+    needs = method_cls.teacher_needs(cfg.method)
+    teacher = load_teacher(cfg.teacher, tokenizer, accelerator.device, own_vocabulary=needs.vocabulary != "shared")
+    check_needs(cfg.method.name, needs, teacher)
+    if needs.teacher_tokens(teacher):  # the teacher reads the same rows in its own tokens
+        train_set = encode_rows(tokenizer, train_rows, teacher_tokenizer=teacher.tokenizer, **enc_kw)
     if isinstance(teacher, CachedTeacher):
         check_cache_holds(teacher, train_set, train_rows)
     if accelerator.is_main_process:
