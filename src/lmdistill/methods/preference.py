@@ -11,8 +11,8 @@ import copy
 from lmdistill.config import MethodConfig
 from lmdistill.losses import LOSSES, NEEDS_REFERENCE, PREFERENCE_FORMS, response_ce_sum, sequence_logprobs
 from lmdistill.methods.base import ROWS, Batch, Loss, Method, Term, register
-from lmdistill.methods.common import (outputs_from_state, outputs_state, sample_responses, student_logits,
-                                     teacher_outputs, trained, with_prefix)
+from lmdistill.methods.common import (in_teacher_tokens, outputs_from_state, outputs_state, sample_responses,
+                                     student_logits, teacher_outputs, trained, with_prefix)
 from lmdistill.models import causal_logits
 from lmdistill.teachers import Capability, Needs
 
@@ -65,10 +65,11 @@ class DPKD(Method):
 
     @classmethod
     def teacher_needs(cls, cfg: DPKDConfig) -> Needs:
+        # Sequence-level: a teacher with another tokenizer scores (and writes) the same texts in its own tokens.
         if cfg.chosen == "teacher":
             return Needs(Capability.TOKEN, weights="method.chosen=teacher generates y_w with a local teacher; else "
-                         "label the data with `lmdistill elicit label` and set method.chosen=data")
-        return Needs(Capability.TOKEN)
+                         "label the data with `lmdistill elicit label` and set method.chosen=data", vocabulary="any")
+        return Needs(Capability.TOKEN, vocabulary="any")
 
     def __init__(self, cfg, ctx) -> None:
         super().__init__(cfg, ctx)
@@ -109,7 +110,8 @@ class DPKD(Method):
         if self.cfg.form == "dpo":
             window, cut = trained(batch, prefix)
             return sequence_logprobs(causal_logits(self._reference_model(), ids, am, window), cut)[0]
-        return (self.ctx.teacher.score(ids, am) * (labels != -100)).sum(1)
+        seen = in_teacher_tokens(self.ctx, batch, prefix)  # the same texts in the teacher's tokens
+        return (self.ctx.teacher.score(seen["input_ids"], seen["attention_mask"]) * (seen["labels"] != -100)).sum(1)
 
     def loss(self, model, batch: Batch) -> Loss:
         cfg = self.cfg
@@ -124,7 +126,8 @@ class DPKD(Method):
         pol_l, len_l = sequence_logprobs(student_logits(model, batch, "rejected_", rejected_window), rejected_labels)
         # A full-logit teacher's forward on y_w serves both its log-probs and the first-token divergences.
         teacher_w = None
-        if self.ctx.teacher is not None and self.ctx.teacher.capability >= Capability.FULL:
+        teacher = self.ctx.teacher
+        if teacher is not None and teacher.capability >= Capability.FULL and teacher.shares_vocabulary:
             with torch.no_grad():
                 teacher_w = self.ctx.teacher.logits(batch["chosen_input_ids"], batch["chosen_attention_mask"],
                                                     chosen_window)
