@@ -390,13 +390,14 @@ def test_smollm2_and_qwen_tokenizations_align_by_hand():
 
 @pytest.mark.slow
 def test_smollm2_distils_from_qwen_across_tokenizers(tmp_path):
-    """kd with method.align=span, alpha=1 (the divergence alone), 3 steps on 4 arithmetic rows, every step the
-    same batch: the one-to-one fkl to Qwen goes down. About 3 minutes on 2 cores, most of it converting Qwen."""
+    """kd with method.align=span, alpha=1 (the divergence alone), 3 steps on 4 rows, every step the same batch:
+    the one-to-one fkl to Qwen goes down. Each response holds one merged span: SmolLM2 writes " fibonacci" as
+    " fib" "onacci", Qwen as one token. About 3 minutes on 2 cores, most of it converting Qwen."""
     import json
 
     _need(SMOLLM2, QWEN)
-    rows = [{"id": str(i), "prompt": f"What is {a} + {b}? Answer with the number.", "response": f"{a + b}"}
-            for i, (a, b) in enumerate([(12, 30), (7, 8), (125, 250), (61, 19)])]
+    rows = [{"id": str(i), "prompt": f"What is fibonacci({k})?", "response": f"It is fibonacci({k}) = {v}."}
+            for i, (k, v) in enumerate([(7, 13), (10, 55), (12, 144), (5, 5)])]
     (tmp_path / "rows.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     cfg = tiny_run_config(tmp_path / "rows.jsonl", tmp_path / "run",
                           student={"path": SMOLLM2, "tokenizer": None},
@@ -407,4 +408,4 @@ def test_smollm2_distils_from_qwen_across_tokenizers(tmp_path):
     fit(cfg, progress=False)
     logged = [r for r in read_metrics(cfg.run_dir) if "loss" in r]
     assert logged[-1]["aligned_fkl"] < logged[0]["aligned_fkl"], logged
-    assert logged[0]["one_to_one_share"] > 0.5 and logged[0]["merged_share"] > 0
+    assert logged[0]["one_to_one_share"] > 0.8 and logged[0]["merged_share"] > 0.1  # 2 of 13-15 tokens merged
