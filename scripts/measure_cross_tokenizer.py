@@ -9,7 +9,8 @@
 2. Before training, on the held-out questions (teacher's answers as responses) and on the training rows: the
    aligned divergences to the teacher per student response token (``methods.distill.aligned_terms``: span's
    one-to-one fkl and merged-span fkl, and ULD), and the student's greedy answers.
-3. ``fit``: kd with ``method.align``, alpha = 1 (the divergence alone, no cross-entropy), on the training rows.
+3. ``fit``: kd with ``method.align`` on the training rows; ``--alpha`` 1 (default): the divergence alone, no
+   cross-entropy (which would pull toward the teacher's answers by itself); ULD's paper adds CE (alpha < 1).
 4. The same measures with the trained student. Against the teacher's answers, on the held-out and on the
    training questions: agreement (the share whose final answer, after the math task's normalisation, is the
    teacher's), mean ROUGE-L and mean length; accuracy against the true answers as well.
@@ -101,6 +102,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--align", default="span", choices=["span", "uld"])
     parser.add_argument("--steps", type=int, default=6)
+    parser.add_argument("--alpha", type=float, default=1.0, help="method.alpha: 1 = the divergence alone, < 1 adds CE")
     parser.add_argument("--batch-size", type=int, default=4)
     parser.add_argument("--lr", type=float, default=5e-5)
     parser.add_argument("--n-train", type=int, default=8)
@@ -154,7 +156,8 @@ def main() -> None:
         f"name=cross_tokenizer_{args.align}", f"output_dir={out}/run_{args.align}", f"student.path={STUDENT}",
         "teacher.kind=local", f"teacher.model.path={TEACHER}", "data.source=jsonl",
         f"data.train_path={data}/train.jsonl", f"data.eval_path={data}/eval.jsonl", "data.max_length=256",
-        f"data.system_prompt={sp}", "method.name=kd", f"method.align={args.align}", "method.alpha=1.0", f"train.steps={args.steps}",
+        f"data.system_prompt={sp}", "method.name=kd", f"method.align={args.align}", f"method.alpha={args.alpha}",
+        f"train.steps={args.steps}",
         f"train.batch_size={args.batch_size}", f"train.lr={args.lr}", "train.warmup_steps=0",
         "train.min_lr_ratio=1.0", "train.eval_every=0", "train.log_every=1", "train.resume=false",
         "eval.n_generate=0",

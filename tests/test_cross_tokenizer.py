@@ -257,7 +257,7 @@ def test_align_is_refused_for_methods_on_student_samples(tmp_path):
 
 @pytest.fixture(scope="module")
 def pair_teacher(data, tmp_path_factory) -> Path:
-    """A 2-layer, 48-wide teacher with the pair tokenizer, trained by SFT for 40 steps on `data`: its model directory."""
+    """A 2-layer, 48-wide teacher with the pair tokenizer, trained by SFT for 40 steps on `data`: its model dir."""
     root = tmp_path_factory.mktemp("pair_teacher")
     pair_tokenizer().save_pretrained(root / "tokenizer")
     cfg = tiny_run_config(data, root / "run", student={"tokenizer": str(root / "tokenizer"), "n_embd": 48},
@@ -393,6 +393,7 @@ def test_smollm2_distils_from_qwen_across_tokenizers(tmp_path):
     """kd with method.align=span, alpha=1 (the divergence alone), 3 steps on 4 rows, every step the same batch:
     the one-to-one fkl to Qwen goes down. Each response holds one merged span: SmolLM2 writes " fibonacci" as
     " fib" "onacci", Qwen as one token. About 3 minutes on 2 cores, most of it converting Qwen."""
+    import dataclasses
     import json
 
     _need(SMOLLM2, QWEN)
@@ -402,9 +403,10 @@ def test_smollm2_distils_from_qwen_across_tokenizers(tmp_path):
     cfg = tiny_run_config(tmp_path / "rows.jsonl", tmp_path / "run",
                           student={"path": SMOLLM2, "tokenizer": None},
                           teacher={"kind": "local", "model": {"path": QWEN}},
-                          data={"eval_path": str(tmp_path / "rows.jsonl"), "max_length": 128},
                           method={"name": "kd", "align": "span", "alpha": 1.0},
                           train={"steps": 3, "batch_size": 4, "lr": 1e-4, "warmup_steps": 0, "min_lr_ratio": 1.0})
+    cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, eval_path=str(tmp_path / "rows.jsonl"),
+                                                            max_length=128))
     fit(cfg, progress=False)
     logged = [r for r in read_metrics(cfg.run_dir) if "loss" in r]
     assert logged[-1]["aligned_fkl"] < logged[0]["aligned_fkl"], logged
