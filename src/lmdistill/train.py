@@ -190,10 +190,14 @@ def setup(cfg: RunConfig) -> Run:
     if sharding and cfg.teacher.device:
         raise ConfigError(f"teacher.device={cfg.teacher.device}: under {sharding} the teacher is sharded across the "
                           "processes' devices; leave teacher.device empty, or launch with DDP to place it")
-    # A teacher to shard waits on the CPU: fully_shard moves it to each process's device one layer at a time.
-    teacher = load_teacher(cfg.teacher, tokenizer, torch.device("cpu") if sharding else accelerator.device)
     method_cls = METHODS[cfg.method.name]
-    check_needs(cfg.method.name, method_cls.teacher_needs(cfg.method), teacher, sharded=sharding is not None)
+    needs = method_cls.teacher_needs(cfg.method)
+    # A teacher to shard waits on the CPU: fully_shard moves it to each process's device one layer at a time.
+    teacher = load_teacher(cfg.teacher, tokenizer, torch.device("cpu") if sharding else accelerator.device,
+                           own_vocabulary=needs.vocabulary != "shared")
+    check_needs(cfg.method.name, needs, teacher, sharded=sharding is not None)
+    if needs.teacher_tokens(teacher):  # the teacher reads the same rows in its own tokens
+        train_set = encode_rows(tokenizer, train_rows, teacher_tokenizer=teacher.tokenizer, **enc_kw)
     if isinstance(teacher, CachedTeacher):
         check_cache_holds(teacher, train_set, train_rows)
     # The student too, when it needs nothing written first: a bad student.lora key stops the run here.

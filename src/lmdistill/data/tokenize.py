@@ -15,6 +15,7 @@ from dataclasses import dataclass, replace
 import torch
 from transformers import PreTrainedTokenizerBase
 
+from lmdistill.data.align import align_offsets, common_prefix, token_offsets
 from lmdistill.data.rows import DataError
 
 IGNORE_INDEX = -100
@@ -29,15 +30,24 @@ class Encoded:
     n_prompt: int
     id: str
     teacher_prompt_ids: list[int] | None = None
-    """What the teacher sees instead of the prompt (row field `teacher_prompt`, e.g. context + prompt)."""
+    """What the teacher sees instead of the prompt (row field `teacher_prompt`, e.g. context + prompt), or the
+    prompt in the teacher's own tokens (a teacher with another tokenizer, :func:`with_teacher_tokens`)."""
     ranked_ids: list[list[int]] | None = None
     """Response ids of the row's ranked responses, best first (row field `ranked_responses`, e.g. the chosen
     and rejected of a preference pair), each after the same prompt."""
+    teacher_response_ids: list[int] | None = None
+    """The response in the teacher's own tokens (another tokenizer); None: the teacher sees the same ids."""
+    student_groups: list[int] | None = None
+    """With `teacher_response_ids`: the alignment group of each response token (``data.align``; -1: none)."""
+    teacher_groups: list[int] | None = None
+    """The same for each of `teacher_response_ids`."""
 
     def for_teacher(self) -> Encoded:
-        """The teacher's view: its own prompt followed by the same response ids."""
+        """The teacher's view: its own prompt followed by the same response ids (or its own response ids)."""
         assert self.teacher_prompt_ids is not None
-        return Encoded(self.teacher_prompt_ids + self.input_ids[self.n_prompt :], len(self.teacher_prompt_ids), self.id)
+        own = self.teacher_response_ids
+        response = own if own is not None else self.input_ids[self.n_prompt :]
+        return Encoded(self.teacher_prompt_ids + response, len(self.teacher_prompt_ids), self.id)
 
     @property
     def labels(self) -> list[int]:
@@ -77,6 +87,11 @@ def end_of_turn_suffix(tokenizer: PreTrainedTokenizerBase) -> list[int]:
     ids = tokenizer(render_response(tokenizer, "x", "y"), add_special_tokens=False)["input_ids"]
     eos = tokenizer.eos_token_id
     return ids[len(ids) - ids[::-1].index(eos):] if eos in ids else []
+
+
+def end_of_turn(tokenizer: PreTrainedTokenizerBase, system_prompt: str | None = None) -> str:
+    """What the tokenizer's template writes after a response's text (e.g. ChatML's ``"<|im_end|>\\n"``, else EOS)."""
+    return render_response(tokenizer, "", "", system_prompt)
 
 
 def encode_row(
@@ -124,16 +139,51 @@ def encode_row(
                    teacher_prompt_ids=teacher_prompt_ids, ranked_ids=ranked_ids)
 
 
-def encode_rows(tokenizer: PreTrainedTokenizerBase, rows: Sequence[dict], **kwargs) -> list[Encoded]:
-    """Tokenise every row (see :func:`encode_row`)."""
-    return [encode_row(tokenizer, r, **kwargs) for r in rows]
+def with_teacher_tokens(enc: Encoded, row: dict, tokenizer: PreTrainedTokenizerBase,
+                        teacher_tokenizer: PreTrainedTokenizerBase, *, system_prompt: str | None = None) -> Encoded:
+    """`enc` (the row in the student's tokens) with the row in the teacher's own tokens, aligned.
+
+    The teacher's prompt is rendered with its own chat template (from `teacher_prompt` where the row has
+    one), its response is the same text with its own end of turn, cut after the characters the student's
+    (possibly truncated) response covers; each side's response tokens get their group of
+    :func:`lmdistill.data.align.align_offsets` over the characters both response texts share.
+    """
+    s_text = render_response(tokenizer, row["prompt"], row["response"], system_prompt)
+    t_text = render_response(teacher_tokenizer, row["prompt"], row["response"], system_prompt)
+    s_ids, s_offsets = token_offsets(tokenizer, s_text)
+    n = len(enc.input_ids) - enc.n_prompt
+    if s_ids[:n] != enc.input_ids[enc.n_prompt :]:
+        raise DataError(f"{row.get('_where', row.get('id', '?'))}: the student's tokenizer encodes the response "
+                        "differently with offsets than without")
+    covered = s_offsets[n - 1][1] if n else 0
+    t_ids, t_offsets = token_offsets(teacher_tokenizer, t_text)
+    keep = sum(1 for start, _ in t_offsets if start < covered)
+    s_groups, t_groups = align_offsets(s_offsets[:n], t_offsets[:keep], min(covered, common_prefix(s_text, t_text)))
+    prompt = row.get("teacher_prompt") or row["prompt"]
+    t_prompt = teacher_tokenizer(render_prompt(teacher_tokenizer, prompt, system_prompt),
+                                 add_special_tokens=False)["input_ids"]
+    return replace(enc, teacher_prompt_ids=t_prompt, teacher_response_ids=t_ids[:keep], student_groups=s_groups,
+                   teacher_groups=t_groups)
+
+
+def encode_rows(tokenizer: PreTrainedTokenizerBase, rows: Sequence[dict], *,
+                teacher_tokenizer: PreTrainedTokenizerBase | None = None, **kwargs) -> list[Encoded]:
+    """Tokenise every row (see :func:`encode_row`); with `teacher_tokenizer` (a teacher with another
+    tokenizer), each also in the teacher's tokens (:func:`with_teacher_tokens`)."""
+    out = [encode_row(tokenizer, r, **kwargs) for r in rows]
+    if teacher_tokenizer is not None:
+        out = [with_teacher_tokens(e, r, tokenizer, teacher_tokenizer, system_prompt=kwargs.get("system_prompt"))
+               for e, r in zip(out, rows)]
+    return out
 
 
 def collate(examples: Sequence[Encoded], pad_id: int) -> dict[str, torch.Tensor]:
     """Right-padded batch: input_ids, attention_mask, labels, each (B, T); plus the same three with prefix
-    `teacher_` (B, T') when the examples carry a teacher prompt; and with ranked responses (K at most per row)
-    the same three with prefix `rank<j>_` for each j < K (prompt + the j-th ranked response; a row with fewer
-    repeats its last) and `ranked_mask` (B, K) bool, the ranked responses each row has."""
+    `teacher_` (B, T') when the examples carry a teacher prompt, and `student_groups` (B, T),
+    `teacher_groups` (B, T') (each token's alignment group, -1 elsewhere) when they carry the teacher's
+    own tokens; and with ranked responses (K at most per row) the same three with prefix `rank<j>_` for each
+    j < K (prompt + the j-th ranked response; a row with fewer repeats its last) and `ranked_mask` (B, K)
+    bool, the ranked responses each row has."""
     with_ranked = [e.ranked_ids is not None for e in examples]
     if any(with_ranked):
         if not all(with_ranked) or not all(e.ranked_ids for e in examples):
@@ -151,8 +201,13 @@ def collate(examples: Sequence[Encoded], pad_id: int) -> dict[str, torch.Tensor]
         if not all(with_teacher):
             raise ValueError("either every example of a batch has a teacher prompt or none has")
         plain = [Encoded(e.input_ids, e.n_prompt, e.id) for e in examples]
-        teacher = collate([e.for_teacher() for e in examples], pad_id)
-        return {**collate(plain, pad_id), **{"teacher_" + k: v for k, v in teacher.items()}}
+        views = [e.for_teacher() for e in examples]
+        out = {**collate(plain, pad_id), **{"teacher_" + k: v for k, v in collate(views, pad_id).items()}}
+        if examples[0].student_groups is not None:
+            out["student_groups"] = _groups([(e.n_prompt, e.student_groups) for e in examples], out["input_ids"])
+            out["teacher_groups"] = _groups([(v.n_prompt, e.teacher_groups) for v, e in zip(views, examples)],
+                                            out["teacher_input_ids"])
+        return out
     T = max(len(e.input_ids) for e in examples)
     B = len(examples)
     input_ids = torch.full((B, T), pad_id, dtype=torch.long)
@@ -164,6 +219,16 @@ def collate(examples: Sequence[Encoded], pad_id: int) -> dict[str, torch.Tensor]
         labels[i, :n] = torch.tensor(e.labels)
         attention_mask[i, :n] = 1
     return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
+
+
+def _groups(rows: Sequence[tuple[int, list[int] | None]], like: torch.Tensor) -> torch.Tensor:
+    """(B, T) long: each row's response-token groups from its prompt length on, -1 elsewhere."""
+    out = torch.full_like(like, -1)
+    for i, (start, groups) in enumerate(rows):
+        if groups is None:
+            raise ValueError("either every example of a batch carries the teacher's own tokens or none does")
+        out[i, start : start + len(groups)] = torch.tensor(groups, dtype=torch.long)
+    return out
 
 
 def collate_prompts(prompt_ids: Sequence[Sequence[int]], pad_id: int) -> dict[str, torch.Tensor]:

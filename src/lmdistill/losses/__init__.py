@@ -15,12 +15,15 @@
   log-probs, with a leave-one-out baseline (``leave_one_out_baseline``).
 - Hidden-state distances ``mse_distance``, ``cosine_distance`` (registry ``HIDDEN_DISTANCES``) and
   ``hidden_state_distance`` over layer pairs and masked positions.
+- Cross-tokenizer divergences (teacher and student vocabularies differ): ``uld`` (sorted probabilities)
+  and ``span_divergence`` (merged spans).
 - MiniLLM's policy gradient: ``losses.policy`` (``minillm_loss`` and its pieces); REINFORCE leave-one-out
   against a sequence reward with a KL penalty: ``losses.policy.rloo_loss``.
 """
 
 from ._common import TopK, log_distributions, masked_reduce, sample_tail
 from .chunked import chunked_divergence, chunked_divergence_and_ce
+from .cross_tokenizer import span_divergence, uld
 from .divergences import (
     KERNELS,
     LOSSES,
@@ -78,7 +81,9 @@ __all__ = [
     "sequence_logprobs",
     "simpo",
     "skl",
+    "span_divergence",
     "srkl",
     "token_logprobs",
     "tvd",
+    "uld",
 ]

@@ -8,7 +8,7 @@ import torch
 from accelerate.utils import gather_object
 from transformers import LogitsProcessorList, PreTrainedModel
 
-from lmdistill.data.tokenize import IGNORE_INDEX, Encoded, collate
+from lmdistill.data.tokenize import IGNORE_INDEX, Encoded, collate, end_of_turn
 from lmdistill.generation import sample_ids
 from lmdistill.losses import TopK, trained_window
 from lmdistill.methods.base import Batch, RunContext
@@ -52,10 +52,39 @@ def prompt_lengths(labels: torch.Tensor, attention_mask: torch.Tensor) -> list[i
     return out
 
 
-def batch_prompts(batch: Batch) -> list[list[int]]:
-    """Each row's prompt token ids (the tokens before its first trained label)."""
-    lengths = prompt_lengths(batch["labels"], batch["attention_mask"])
-    return [row[:n].tolist() for row, n in zip(batch["input_ids"], lengths)]
+def batch_prompts(batch: Batch, prefix: str = "") -> list[list[int]]:
+    """Each row's prompt token ids (the tokens before its first trained label), of the `prefix`ed sequences."""
+    lengths = prompt_lengths(batch[prefix + "labels"], batch[prefix + "attention_mask"])
+    return [row[:n].tolist() for row, n in zip(batch[prefix + "input_ids"], lengths)]
+
+
+def batch_responses(batch: Batch, prefix: str = "") -> list[list[int]]:
+    """Each row's response token ids (its trained labels), of the `prefix`ed sequences."""
+    return [lab[lab != IGNORE_INDEX].tolist() for lab in batch[prefix + "labels"]]
+
+
+def in_teacher_tokens(ctx: RunContext, batch: Batch, prefix: str = "") -> Batch:
+    """The batch's (`prefix`ed) sequences as the teacher reads them, in the training layout.
+
+    A teacher that shares the student's vocabulary reads the same ids. One with another tokenizer reads
+    its own prompt (``teacher_input_ids``, the rows encoded in its tokens) and each response decoded to
+    text (special tokens dropped) and re-encoded with its tokenizer, followed by its own end of turn where
+    the response holds the student's EOS.
+    """
+    teacher = ctx.teacher
+    assert teacher is not None
+    keys = ("input_ids", "attention_mask", "labels")
+    if teacher.shares_vocabulary:
+        return {k: batch[prefix + k] for k in keys}
+    tok = teacher.tokenizer
+    if tok is None or "teacher_input_ids" not in batch:
+        raise ValueError("a teacher with another tokenizer reads the rows in its own tokens: encode them with "
+                         "encode_rows(..., teacher_tokenizer=...) (the loop does, for Needs.vocabulary 'own'/'any')")
+    ids = batch_responses(batch, prefix)
+    texts, eot = ctx.tokenizer.batch_decode(ids, skip_special_tokens=True), end_of_turn(tok)
+    responses = [tok(t + (eot if ctx.tokenizer.eos_token_id in r else ""), add_special_tokens=False)["input_ids"]
+                 for t, r in zip(texts, ids)]
+    return training_layout(batch_prompts(batch, "teacher_"), responses, tok.pad_token_id, batch["input_ids"].device)
 
 
 def training_layout(prompts: list[list[int]], responses: list[list[int]], pad_id: int,
@@ -82,17 +111,28 @@ def teacher_outputs(ctx: RunContext, batch: Batch, cache: dict[tuple[int, ...], 
     """The local teacher's greedy responses to the batch's prompts (after its `prefix_ids`), in the training layout.
 
     Generated once per prompt and kept in `cache` (prompt ids → response ids), which the method keeps in
-    its checkpoints (:func:`outputs_state`), so a resumed run does not generate them again. The teacher must have weights here
-    (the method's :class:`~lmdistill.teachers.base.Needs` say so).
+    its checkpoints (:func:`outputs_state`), so a resumed run does not generate them again. The teacher must have
+    weights here (the method's :class:`~lmdistill.teachers.base.Needs` say so). A teacher with another tokenizer generates
+    from its own prompt (``teacher_input_ids``), at most `max_new_tokens` of its tokens, and its text is
+    re-encoded with the student's tokenizer, followed by the student's end of turn where it ended its turn.
     """
     teacher, tok = ctx.teacher, ctx.tokenizer
     assert teacher is not None and teacher.weights is not None
     prompts = batch_prompts(batch)
-    missing = [p for p in dict.fromkeys(map(tuple, prompts)) if p not in cache]
+    keys = list(dict.fromkeys(map(tuple, prompts)))
+    missing = [p for p in keys if p not in cache]
     if missing:
-        seen = [list(teacher.prefix_ids) + list(p) for p in missing]
-        out = sample_ids(teacher.weights, seen, pad_id=tok.pad_token_id, eos_id=tok.eos_token_id,
+        own = teacher.shares_vocabulary
+        t_tok = tok if own else teacher.tokenizer
+        t_prompts = dict(zip(map(tuple, prompts), prompts if own else batch_prompts(batch, "teacher_")))
+        seen = [list(teacher.prefix_ids) + list(t_prompts[p]) for p in missing]
+        out = sample_ids(teacher.weights, seen, pad_id=t_tok.pad_token_id, eos_id=t_tok.eos_token_id,
                          max_new_tokens=max_new_tokens, do_sample=False)
+        if not own:  # the text, then the student's end of turn where the teacher ended its own
+            eot = end_of_turn(tok)
+            texts = t_tok.batch_decode(out, skip_special_tokens=True)
+            out = [tok(text + (eot if t_tok.eos_token_id in ids else ""), add_special_tokens=False)["input_ids"]
+                   or [tok.eos_token_id] for text, ids in zip(texts, out)]
         cache.update(zip(missing, out))
     return training_layout(prompts, [cache[tuple(p)] for p in prompts], tok.pad_token_id, batch["input_ids"].device)
 

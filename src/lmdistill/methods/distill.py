@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal
+from typing import ClassVar, Literal
 
 import torch
 
 from lmdistill.config import ConfigError, MethodConfig
+from lmdistill.data.align import vocabulary_map
 from lmdistill.flops import head_parameters, train_cost
 from lmdistill.losses import (
     LOSSES,
@@ -17,9 +18,11 @@ from lmdistill.losses import (
     prediction_mask,
     response_ce_sum,
     score_function_rkl,
+    span_divergence,
     token_logprobs,
+    uld,
 )
-from lmdistill.methods.base import Batch, Loss, Method, Term, register, term_units
+from lmdistill.methods.base import Batch, Loss, Method, Metrics, Term, register, term_units
 from lmdistill.methods.common import sample_responses, student_logits, teacher_signal, trained, with_prefix
 from lmdistill.teachers import Capability, Needs
 
@@ -59,12 +62,101 @@ class KDConfig(MethodConfig):
     falls back to dense); dense below, where the logits are small and chunking gains nothing."""
     chunk_size: int = 0
     """Positions per chunk with chunked=true (0: max(64, 2**21 // V))."""
+    align: str = "none"
+    """A teacher with another tokenizer (cross-tokenizer KD, math in `losses/cross_tokenizer.py`). `none`: the
+    teacher shares the student's tokenizer and sees its ids. `uld`: ULD (Boizard et al. 2024) in place of the
+    divergence, Σ_i |sort(s)_i − sort(q)_i| between the i-th response position of the student and the i-th of
+    the teacher. `span`: both tokenizations of the response aligned by character offsets; `divergence` on the
+    tokens that map one to one (both distributions renormalised over the tokens both vocabularies hold), on merged
+    spans between the two-point distributions (P, 1 − P) of the span's probability (the sum of its tokens'
+    log-probs). The local teacher scores the response re-encoded with its own tokenizer, after the prompt in
+    its own chat template. Needs full teacher logits (a local teacher); the loss is dense (`chunked` unused)."""
+
+    # Whether the method can take `align`: not one that trains on the student's own samples.
+    aligns: ClassVar[bool] = True
 
     def __post_init__(self) -> None:
         if self.divergence not in LOSSES:
             raise ValueError(f"method.divergence: unknown {self.divergence!r}; known: {', '.join(LOSSES)}")
         if not 0.0 <= self.alpha <= 1.0:
             raise ValueError(f"method.alpha must be in [0, 1], got {self.alpha}")
+        if self.align not in ALIGNS:
+            raise ValueError(f"method.align must be one of {', '.join(ALIGNS)}, got {self.align!r}")
+        if self.align != "none" and not self.aligns:
+            raise ValueError(f"method.align={self.align}: this method trains on the student's own samples, which "
+                             "the teacher's tokenizer never encoded; use method.name=kd (or akl) for cross-tokenizer "
+                             "KD")
+
+
+ALIGNS = ("none", "uld", "span")
+
+
+def aligned_terms(cfg: KDConfig, logits: torch.Tensor, teacher_logits: torch.Tensor, labels: torch.Tensor,
+                  teacher_labels: torch.Tensor, student_groups: torch.Tensor, teacher_groups: torch.Tensor,
+                  vocab: tuple[torch.Tensor, torch.Tensor] | None = None) -> tuple[dict[str, Term], Metrics]:
+    """Cross-tokenizer KD terms of one batch (`cfg.align` uld or span), each summed, per the student's trained tokens.
+
+    logits (B, W, V_S) and labels (B, W) at the student's window; teacher_logits (B, W', V_T) and teacher_labels
+    (B, W') at the teacher's (its own tokens of the same rows); student_groups (B, W), teacher_groups (B, W'):
+    the alignment group of the token in each column (-1: none; ``data.align``); vocab: (student ids, teacher
+    ids), (M,) each, of the tokens both vocabularies hold (span). Terms: `uld`, or `aligned_<div>` (one-to-one
+    tokens) and `span_<div>` (merged spans); plus `ce` at weight 1 − α when α < 1. Metrics: the share of the
+    student's trained tokens each term covers.
+    """
+    s_pred, t_pred = prediction_mask(labels), prediction_mask(teacher_labels)
+    n_tokens = float(s_pred.sum())
+    terms: dict[str, Term] = {}
+    if cfg.align == "uld":
+        # Row by row, the i-th trained position of the student against the teacher's i-th, up to the shorter.
+        n = torch.minimum(s_pred.sum(1), t_pred.sum(1))[:, None]
+        s_keep, t_keep = s_pred & (s_pred.cumsum(1) <= n), t_pred & (t_pred.cumsum(1) <= n)
+        student, teacher = logits[s_keep], teacher_logits[t_keep]  # (N, V_S), (N, V_T), in the same order
+        value = uld(student, teacher, s_keep.new_ones(student.shape[:1]), temperature=cfg.temperature, reduction="sum")
+        terms["uld"] = Term(value, "labels", cfg.alpha)
+        metrics = {"aligned_share": (float(s_keep.sum()), n_tokens)}
+    else:
+        assert vocab is not None
+        params = divergence_params(cfg.divergence, beta=cfg.beta, skew=cfg.skew, mu=cfg.mu)
+        groups = int(max(student_groups.max(), teacher_groups.max(), 0)) + 1
+        s_count, t_count = _group_sums(student_groups, None, groups), _group_sums(teacher_groups, None, groups)
+        one = (s_count == 1) & (t_count == 1)  # (B, G)
+        merged = (s_count > 0) & (t_count > 0) & ~one
+        # The position predicting a one-to-one token (column t predicts column t + 1); both sides list the
+        # one-to-one groups of a row in text order, so the selections pair up.
+        s_one, t_one = _predicting(student_groups, one) & s_pred, _predicting(teacher_groups, one) & t_pred
+        student = logits[s_one][:, vocab[0]].unsqueeze(0)  # (1, N, M): both on the shared tokens, renormalised
+        teacher = teacher_logits[t_one][:, vocab[1]].unsqueeze(0)
+        div = LOSSES[cfg.divergence](student, teacher, s_one.new_ones(student.shape[:2]), temperature=cfg.temperature,
+                                     reduction="sum", **params)
+        s_lp = token_logprobs(logits / cfg.temperature, labels)  # (B, W): log-prob of the token in each column
+        with torch.no_grad():
+            t_lp = token_logprobs(teacher_logits / cfg.temperature, teacher_labels)
+        span = span_divergence(cfg.divergence, _group_sums(student_groups, s_lp, groups),
+                               _group_sums(teacher_groups, t_lp, groups), merged, reduction="sum", **params)
+        terms[f"aligned_{cfg.divergence}"] = Term(div, "labels", cfg.alpha)
+        terms[f"span_{cfg.divergence}"] = Term(span, "labels", cfg.alpha)
+        metrics = {"one_to_one_share": (float(s_one.sum()), n_tokens),
+                   "merged_share": (float(s_count[merged].sum()), n_tokens)}
+    if cfg.alpha < 1:
+        terms["ce"] = Term(response_ce_sum(logits, labels), "labels", 1 - cfg.alpha)
+    return terms, metrics
+
+
+def _group_sums(groups: torch.Tensor, values: torch.Tensor | None, n: int) -> torch.Tensor:
+    """(B, n): per row, the sum of `values` (B, W) (None: 1, a count) over the columns of each group."""
+    ones = torch.ones_like(groups, dtype=torch.float32)
+    values = ones if values is None else values
+    inside = groups >= 0
+    out = values.new_zeros(groups.shape[0], n)
+    return out.scatter_add(1, groups.clamp(min=0), torch.where(inside, values, 0.0))
+
+
+def _predicting(groups: torch.Tensor, chosen: torch.Tensor) -> torch.Tensor:
+    """(B, W) bool: the positions that predict a token of a `chosen` (B, G) group (the column before it)."""
+    at = (groups >= 0) & chosen.gather(1, groups.clamp(min=0))
+    out = torch.zeros_like(at)
+    out[:, :-1] = at[:, 1:]
+    return out
 
 
 def token_distill_terms(cfg: KDConfig, logits: torch.Tensor, teacher: torch.Tensor | TopK, labels: torch.Tensor,
@@ -90,13 +182,22 @@ class KD(Method):
     config_class = KDConfig
     needs = Needs(Capability.TOPK)
 
+    @classmethod
+    def teacher_needs(cls, cfg: KDConfig) -> Needs:
+        if cfg.align != "none":
+            return Needs(Capability.FULL, vocabulary="own")
+        return cls.needs
+
     def __init__(self, cfg: KDConfig, ctx) -> None:
         super().__init__(cfg, ctx)
         self._chunked: bool | None = None if cfg.chunked == "auto" else bool(cfg.chunked)
         """Whether the loss runs chunked; decided at the first batch under `auto`."""
         self._head_checked = False
+        self._vocab: tuple[torch.Tensor, torch.Tensor] | None = None
 
     def loss(self, model, batch: Batch) -> Loss:
+        if self.cfg.align != "none":
+            return self._aligned_loss(model, batch)
         window, labels = trained(batch)
         teacher = teacher_signal(self.ctx, batch, window=window)
         if self._chunked is None:
@@ -107,6 +208,22 @@ class KD(Method):
             if terms is not None:
                 return terms, {}
         return token_distill_terms(self.cfg, student_logits(model, batch, window=window), teacher, labels), {}
+
+    def _aligned_loss(self, model, batch: Batch) -> Loss:
+        """Cross-tokenizer KD (:func:`aligned_terms`): the teacher on the rows in its own tokens (`teacher_*`)."""
+        if "student_groups" not in batch:
+            raise ValueError("method.align needs the rows in the teacher's tokens too (encode_rows(..., "
+                             "teacher_tokenizer=...), as the training loop does for Needs.vocabulary='own')")
+        window, labels = trained(batch)
+        t_window, teacher_labels = trained(batch, "teacher_")
+        logits = student_logits(model, batch, window=window)
+        with torch.no_grad():
+            teacher = self.ctx.teacher.logits(batch["teacher_input_ids"], batch["teacher_attention_mask"], t_window)
+        if self.cfg.align == "span" and self._vocab is None:
+            ids = vocabulary_map(self.ctx.tokenizer, self.ctx.teacher.tokenizer)
+            self._vocab = tuple(torch.tensor(i, dtype=torch.long, device=logits.device) for i in ids)
+        return aligned_terms(self.cfg, logits, teacher, labels, teacher_labels, batch["student_groups"][:, window],
+                             batch["teacher_groups"][:, t_window], self._vocab)
 
     def _plain_head(self, logits: torch.Tensor, hidden: torch.Tensor, head: torch.nn.Module) -> bool:
         """Whether the model's logits (B, 1, V) at position 0 are `head` applied to its last hidden state there
@@ -170,6 +287,7 @@ class AKL(KD):
 class GKDConfig(KDConfig):
     """GKD (Agarwal et al.): a share `lam` of batches on the student's own samples, else data; jsd(beta)."""
 
+    aligns: ClassVar[bool] = False
     divergence: str = "jsd"
     """Divergence (generalized JSD by default)."""
     lam: float = 0.5

@@ -24,7 +24,7 @@ from __future__ import annotations
 import random
 from collections import deque
 from dataclasses import dataclass
-from typing import Literal
+from typing import ClassVar, Literal
 
 import torch
 
@@ -43,6 +43,7 @@ SOURCES = ("data", "fresh", "replay")
 class DistiLLMConfig(KDConfig):
     """DistiLLM: skew divergence, student samples with a probability that rises with the validation loss."""
 
+    aligns: ClassVar[bool] = False
     divergence: str = "skl"
     """skl (skew forward KL, KL(q ‖ a·q + (1−a)·s)) or srkl (skew reverse KL); a = `skew`."""
     init_prob: float = 0.0

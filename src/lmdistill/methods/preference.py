@@ -12,8 +12,8 @@ from lmdistill.data.rows import DataError
 from lmdistill.losses import (LISTWISE_FORMS, LOSSES, NEEDS_REFERENCE, PREFERENCE_FORMS, response_ce_sum,
                               sequence_logprobs)
 from lmdistill.methods.base import ROWS, Batch, Loss, Method, Term, register
-from lmdistill.methods.common import (FrozenStart, outputs_from_state, outputs_state, sample_responses, student_logits,
-                                     teacher_outputs, trained, with_prefix)
+from lmdistill.methods.common import (FrozenStart, in_teacher_tokens, outputs_from_state, outputs_state,
+                                     sample_responses, student_logits, teacher_outputs, trained, with_prefix)
 from lmdistill.models import causal_logits
 from lmdistill.teachers import Capability, Needs
 
@@ -95,10 +95,12 @@ class DPKD(Method):
     def teacher_needs(cls, cfg: DPKDConfig) -> Needs:
         if cfg.form in LISTWISE_FORMS:
             return Needs()
+        # Sequence-level: a teacher with another tokenizer scores (and writes) the same texts in its own tokens.
         if cfg.chosen == "teacher":
             return Needs(Capability.TOKEN, weights="method.chosen=teacher generates y_w with a local teacher; else "
-                         "label the data with `lmdistill elicit label` and set method.chosen=data", generates=True)
-        return Needs(Capability.TOKEN)
+                         "label the data with `lmdistill elicit label` and set method.chosen=data", generates=True,
+                         vocabulary="any")
+        return Needs(Capability.TOKEN, vocabulary="any")
 
     @classmethod
     def prepare_rows(cls, cfg: DPKDConfig, rows: list[dict], split: str) -> list[dict]:
@@ -145,7 +147,8 @@ class DPKD(Method):
         if self.cfg.form == "dpo":
             window, cut = trained(batch, prefix)
             return sequence_logprobs(causal_logits(self._reference.model, ids, am, window), cut)[0]
-        return (self.ctx.teacher.score(ids, am) * (labels != -100)).sum(1)
+        seen = in_teacher_tokens(self.ctx, batch, prefix)  # the same texts in the teacher's tokens
+        return (self.ctx.teacher.score(seen["input_ids"], seen["attention_mask"]) * (seen["labels"] != -100)).sum(1)
 
     def _listwise_loss(self, model, batch: Batch) -> Loss:
         """PRO: the student's log-prob of each ranked response (B, K), Plackett–Luce over them, CE on the best."""
@@ -182,7 +185,8 @@ class DPKD(Method):
         pol_l, len_l = sequence_logprobs(student_logits(model, batch, "rejected_", rejected_window), rejected_labels)
         # A full-logit teacher's forward on y_w serves both its log-probs and the first-token divergences.
         teacher_w = None
-        if self.ctx.teacher is not None and self.ctx.teacher.capability >= Capability.FULL:
+        teacher = self.ctx.teacher
+        if teacher is not None and teacher.capability >= Capability.FULL and teacher.shares_vocabulary:
             with torch.no_grad():
                 teacher_w = self.ctx.teacher.logits(batch["chosen_input_ids"], batch["chosen_attention_mask"],
                                                     chosen_window)

@@ -44,7 +44,8 @@ class SeqKD(SFT):
         if cfg.source == "data":
             return Needs()
         return Needs(Capability.TEXT, weights="method.source=teacher generates with a local teacher; for a served "
-                     "teacher, label the prompts with `lmdistill elicit label` and set method.source=data", generates=True)
+                     "teacher, label the prompts with `lmdistill elicit label` and set method.source=data",
+                     generates=True, vocabulary="any")  # text: a teacher with another tokenizer generates in its own tokens
 
     def __init__(self, cfg: SeqKDConfig, ctx) -> None:
         super().__init__(cfg, ctx)

@@ -12,6 +12,8 @@ method may need is declared too, as plain attributes every backend sets (no ``ge
 - ``tokenizer``: its own tokenizer where it has one here;
 - ``sharded``: its weights are split across the run's processes (FSDP / ZeRO-3, teachers/engine.py),
   so that every forward is a collective that every process must run;
+- ``shares_vocabulary``: whether its token ids are the student's (False: a teacher with another
+  tokenizer, loaded for a method that hands it the text in its own tokens);
 - ``modules()``: the ``nn.Module`` forwards that run here, so that the loop's FLOP meter counts
   them (2·N per token) wherever they are called from.
 
@@ -67,6 +69,12 @@ HOW_TO_GET = {
 }
 
 
+CROSS_TOKENIZER = ("for a teacher with another tokenizer use method.name=kd with method.align=uld or span (the "
+                   "teacher scores the same text in its own tokens), or a sequence-level method (seqkd, dpkd), "
+                   "which exchanges text")
+"""How to distil from a teacher whose tokenizer is not the student's (said by every refusal of one)."""
+
+
 def require(have: Capability, need: Capability, *, method: str, backend: str) -> None:
     """Stop with a message naming what is missing and how to get it, when `have` < `need`."""
     if have < need:
@@ -97,6 +105,9 @@ class Teacher:
     """The teacher's own tokenizer where it has one here (a local model; a server given `teacher.model`)."""
     sharded: bool = False
     """Its weights are split across the processes (FSDP / ZeRO-3): every forward is collective."""
+    shares_vocabulary: bool = True
+    """Whether the teacher's token ids are the student's. False only where the loader was told the method
+    re-encodes text in the teacher's tokens (``Needs.vocabulary="own"``) and the tokenizers differ."""
 
     def modules(self) -> list[torch.nn.Module]:
         """The models whose forwards run here (counted by the FLOP meter): a local model, a mixture's members."""
@@ -143,6 +154,22 @@ class Needs:
     """The method generates with the teacher's model (what `weights` says): a teacher sharded across the
     processes is refused, since each process decodes its own number of steps and every forward of a
     sharded model is a collective that all of them must run."""
+    vocabulary: str = "shared"
+    """Which token ids the method hands the teacher. `shared`: the student's (token-level methods compare
+    distributions id by id), so the teacher's tokenizer must be the student's. `own`: the same text in the
+    teacher's own tokens (kd with method.align), whatever its tokenizer, which must be here. `any`: the
+    student's ids to a teacher that shares them, else text re-encoded in its own tokens (sequence-level
+    methods: seqkd and dpkd generate and score texts). Methods that need no teacher at all (seqkd with
+    method.source=data on rows labelled by `lmdistill elicit`) exchange only text."""
+
+    def __post_init__(self) -> None:
+        if self.vocabulary not in ("shared", "own", "any"):
+            raise ValueError(f"Needs.vocabulary must be 'shared', 'own' or 'any', got {self.vocabulary!r}")
+
+    def teacher_tokens(self, teacher: Teacher | None) -> bool:
+        """Whether the rows must also be encoded in `teacher`'s own tokens (its tokenizer is then here)."""
+        return teacher is not None and (self.vocabulary == "own"
+                                        or (self.vocabulary == "any" and not teacher.shares_vocabulary))
 
 
 def check_needs(method: str, needs: Needs, teacher: Teacher | None, *, sharded: bool = False) -> None:
@@ -158,6 +185,12 @@ def check_needs(method: str, needs: Needs, teacher: Teacher | None, *, sharded: 
             "teacher.model.path=... (a Hugging Face directory, a GGUF file)"
         )
     require(teacher.capability, needs.capability, method=method, backend=teacher.name)
+    if needs.vocabulary == "shared" and not teacher.shares_vocabulary:
+        raise CapabilityError(f"method {method!r} hands the teacher the student's token ids, but the {teacher.name} "
+                              f"teacher has another tokenizer; {CROSS_TOKENIZER}")
+    if needs.teacher_tokens(teacher) and teacher.tokenizer is None:
+        raise CapabilityError(f"method {method!r} re-encodes the text with the teacher's own tokenizer, but the "
+                              f"{teacher.name} teacher has none here; use a local teacher (teacher.kind=local)")
     if needs.weights and teacher.weights is None:
         raise CapabilityError(f"method {method!r} needs the teacher's weights here ({needs.weights}), but the "
                               f"{teacher.name} teacher has no weights here; use a local teacher (teacher.kind=local)")

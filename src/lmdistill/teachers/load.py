@@ -10,12 +10,13 @@ from lmdistill.models import load_model, load_tokenizer
 from lmdistill.teachers.base import CapabilityError, Teacher
 from lmdistill.teachers.cache import CachedTeacher
 from lmdistill.teachers.engine import place, placement
-from lmdistill.teachers.local import LocalTeacher, check_tokenizers
+from lmdistill.teachers.local import LocalTeacher, TokenizerMismatch, check_tokenizers
 from lmdistill.teachers.mixture import load_mixture
 from lmdistill.teachers.server import ServerTeacher
 
 
-def load_teacher(cfg: TeacherConfig, student_tokenizer: PreTrainedTokenizerBase, device: torch.device) -> Teacher | None:
+def load_teacher(cfg: TeacherConfig, student_tokenizer: PreTrainedTokenizerBase, device: torch.device, *,
+                 own_vocabulary: bool = False) -> Teacher | None:
     """The configured teacher on `device` (on `teacher.device` where that is set), frozen; None for `teacher.kind=none`.
 
     `local`: a model loaded here; `cache`: a top-k cache (teachers/cache/), checked to have the
@@ -24,6 +25,9 @@ def load_teacher(cfg: TeacherConfig, student_tokenizer: PreTrainedTokenizerBase,
     teachers of `teacher.mixture` (teachers/mixture.py), each checked to have the student's tokenizer.
     A local model placed by `teacher.device` takes inputs from, and returns outputs to, any device
     (teachers/engine.py).
+    `own_vocabulary`: the method hands a local teacher the text in its own tokens (``Needs.vocabulary="own"``),
+    so its tokenizer may differ from the student's (then ``shares_vocabulary`` is False); else a differing
+    one is refused (:class:`TokenizerMismatch`) before its weights are loaded.
     """
     if cfg.kind == "none":
         return None
@@ -49,7 +53,15 @@ def load_teacher(cfg: TeacherConfig, student_tokenizer: PreTrainedTokenizerBase,
     if cfg.model.path is None:
         raise CapabilityError("teacher.kind=local needs teacher.model.path (a Hugging Face directory or GGUF file)")
     tokenizer = load_tokenizer(cfg.model)
-    check_tokenizers(student_tokenizer, tokenizer)
+    shared = True
+    try:
+        check_tokenizers(student_tokenizer, tokenizer)
+    except TokenizerMismatch:
+        if not own_vocabulary:
+            raise
+        shared = False
     model = load_model(cfg.model, tokenizer)
     model = place(model, placed) if cfg.device else model.to(device)
-    return LocalTeacher(model, tokenizer, name=f"local:{cfg.model.path}", prefix=cfg.prefix)
+    teacher = LocalTeacher(model, tokenizer, name=f"local:{cfg.model.path}", prefix=cfg.prefix)
+    teacher.shares_vocabulary = shared
+    return teacher

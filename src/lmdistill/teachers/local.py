@@ -12,7 +12,7 @@ from lmdistill.generation import generate
 from lmdistill.io import UserError
 from lmdistill.losses import TopK, token_logprobs
 from lmdistill.models import causal_logits
-from lmdistill.teachers.base import Capability, Teacher
+from lmdistill.teachers.base import CROSS_TOKENIZER, Capability, Teacher
 
 
 class TokenizerMismatch(UserError, ValueError):
@@ -23,20 +23,22 @@ def check_tokenizers(student: PreTrainedTokenizerBase, teacher: PreTrainedTokeni
     """Raise unless both tokenizers have the same vocabulary with the same ids.
 
     Token-level distillation compares distributions id by id, so the vocabularies must agree
-    exactly (the logit width may still be padded beyond them; see :class:`LocalTeacher`).
+    exactly (the logit width may still be padded beyond them; see :class:`LocalTeacher`). Each refusal
+    says how to distil from a teacher with another tokenizer.
     """
     sv, tv = student.get_vocab(), teacher.get_vocab()
     if len(sv) != len(tv):
         raise TokenizerMismatch(
-            f"teacher vocabulary has {len(tv)} tokens, the student's {len(sv)}: token-level distillation needs the "
-            "same tokenizer (use a text-level method such as seqkd, or a student with the teacher's tokenizer)"
+            f"teacher vocabulary has {len(tv)} tokens, the student's {len(sv)}: token-level distillation on the "
+            f"student's token ids needs the same tokenizer; {CROSS_TOKENIZER}"
         )
     differ = [tok for tok, i in sv.items() if tv.get(tok) != i]
     if differ:
         ex = ", ".join(f"{t!r}: student {sv[t]} vs teacher {tv.get(t)}" for t in differ[:3])
-        raise TokenizerMismatch(f"{len(differ)} tokens have different ids in teacher and student ({ex})")
+        raise TokenizerMismatch(f"{len(differ)} tokens have different ids in teacher and student ({ex}); "
+                                f"{CROSS_TOKENIZER}")
     if probe is not None and student(probe)["input_ids"] != teacher(probe)["input_ids"]:
-        raise TokenizerMismatch(f"teacher and student tokenise {probe!r} differently")
+        raise TokenizerMismatch(f"teacher and student tokenise {probe!r} differently; {CROSS_TOKENIZER}")
 
 
 class LocalTeacher(Teacher):
