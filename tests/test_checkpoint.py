@@ -168,11 +168,9 @@ def test_truncate_metrics(tmp_path):
 
 FIT_SCRIPT = """\
 import sys
-from lmdistill.cli import end_processes
 from lmdistill.methods import load_config
 from lmdistill.train import fit
 fit(load_config(sys.argv[1]), stop_after=int(sys.argv[2]), progress=False)
-end_processes()
 """
 
 # How each layout is launched, and what its checkpoint holds that no other layout writes.

@@ -15,7 +15,6 @@ import logging
 import os
 import sys
 
-import torch
 from accelerate import PartialState
 
 from lmdistill.cache_teacher import build_cache
@@ -375,16 +374,6 @@ def main(argv: list[str] | None = None) -> int:
             raise
         print(f"lmdistill {args.command}: {message}", file=sys.stderr)
         return 2
-    finally:
-        end_processes()
-
-
-def end_processes() -> None:
-    """Tear down the process group of a multi-process launch (torch.distributed): left to the interpreter's
-    exit, its threads can outlive it and abort a finished process ("terminate called without an active
-    exception", exit code -6)."""
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        torch.distributed.destroy_process_group()
 
 
 if __name__ == "__main__":

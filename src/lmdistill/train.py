@@ -10,6 +10,7 @@ the FLOP meter hooked into every model (lmdistill.flops), never by hand.
 
 from __future__ import annotations
 
+import atexit
 import json
 import math
 import random
@@ -161,6 +162,14 @@ class Run:
     n_params: int
 
 
+def end_processes() -> None:
+    """Tear down the process group of a multi-process launch (torch.distributed), if there is one. Left to the
+    interpreter's exit, its threads can outlive it and abort a finished process ("terminate called without an
+    active exception", exit code -6): :func:`setup` registers this to run at exit."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
+
+
 def setup(cfg: RunConfig) -> Run:
     """Data, teacher (checked against the method before anything is written), run directory, student,
     method, optimizer and schedule, all prepared by accelerate; every model's forwards metered. Under
@@ -168,6 +177,8 @@ def setup(cfg: RunConfig) -> Run:
     t = cfg.train
     # cpu=True when there is no GPU lets a launch of several processes run DDP on gloo.
     accelerator = Accelerator(mixed_precision=_mixed_precision(t.mixed_precision), cpu=not torch.cuda.is_available())
+    if accelerator.num_processes > 1:
+        atexit.register(end_processes)
     if accelerator.is_main_process:
         rundir.claim(cfg)  # another process's directory, or another config's, is refused before anything is written
     if cfg.student.lora.rank and accelerator.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED):
