@@ -31,7 +31,7 @@ from transformers import PreTrainedTokenizerBase
 from lmdistill import checkpoint, rundir
 from lmdistill.config import ConfigError, RunConfig, save_config, to_dict
 from lmdistill.data import collate, encode_rows
-from lmdistill.data.tokenize import Encoded
+from lmdistill.data.tokenize import Encoded, add_teacher_tokens
 from lmdistill.evaluate.answers import answer_accuracy_counts
 from lmdistill.flops import count_parameters
 from lmdistill.heldout import TokenStats, heldout_stats
@@ -208,7 +208,8 @@ def setup(cfg: RunConfig) -> Run:
                            own_vocabulary=needs.vocabulary != "shared")
     check_needs(cfg.method.name, needs, teacher, sharded=sharding is not None)
     if needs.teacher_tokens(teacher):  # the teacher reads the same rows in its own tokens
-        train_set = encode_rows(tokenizer, train_rows, teacher_tokenizer=teacher.tokenizer, **enc_kw)
+        train_set = add_teacher_tokens(train_set, train_rows, tokenizer, teacher.tokenizer,
+                                       system_prompt=cfg.data.system_prompt)
     if isinstance(teacher, CachedTeacher):
         check_cache_holds(teacher, train_set, train_rows)
     # The student too, when it needs nothing written first: a bad student.lora key stops the run here.

@@ -172,9 +172,16 @@ def encode_rows(tokenizer: PreTrainedTokenizerBase, rows: Sequence[dict], *,
     tokenizer), each also in the teacher's tokens (:func:`with_teacher_tokens`)."""
     out = [encode_row(tokenizer, r, **kwargs) for r in rows]
     if teacher_tokenizer is not None:
-        out = [with_teacher_tokens(e, r, tokenizer, teacher_tokenizer, system_prompt=kwargs.get("system_prompt"))
-               for e, r in zip(out, rows)]
+        out = add_teacher_tokens(out, rows, tokenizer, teacher_tokenizer, system_prompt=kwargs.get("system_prompt"))
     return out
+
+
+def add_teacher_tokens(encoded: Sequence[Encoded], rows: Sequence[dict], tokenizer: PreTrainedTokenizerBase,
+                       teacher_tokenizer: PreTrainedTokenizerBase, *, system_prompt: str | None = None) -> list[Encoded]:
+    """Rows already encoded for the student (:func:`encode_rows`), each with the teacher's own tokens added
+    (:func:`with_teacher_tokens`)."""
+    return [with_teacher_tokens(e, r, tokenizer, teacher_tokenizer, system_prompt=system_prompt)
+            for e, r in zip(encoded, rows)]
 
 
 def collate(examples: Sequence[Encoded], pad_id: int) -> dict[str, torch.Tensor]:
