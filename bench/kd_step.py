@@ -46,6 +46,11 @@ VARIANTS = ["sft", "teacher", "kd", "kd-chunked", "onpolicy", "onpolicy-chunked"
 ROWS = Path(__file__).resolve().parents[1] / "src" / "lmdistill" / "data" / "instructions_smollm2.jsonl"
 
 
+def local_teacher(args: argparse.Namespace) -> list[str]:
+    """The overrides of the local teacher (the variants' and the cache builder's)."""
+    return ["teacher.kind=local", f"teacher.model.path={args.teacher}", f"teacher.model.dtype={args.teacher_dtype}"]
+
+
 def config_overrides(args: argparse.Namespace, variant: str, out: Path, cache: Path) -> list[str]:
     """The `key=value` overrides of one variant's run (everything but the method is shared)."""
     student = [f"student.path={args.student}"] if args.student else [
@@ -54,7 +59,7 @@ def config_overrides(args: argparse.Namespace, variant: str, out: Path, cache: P
               f"train.batch_size={args.batch_size}", "train.lr=1e-5", "train.warmup_steps=0", "train.log_every=1",
               "train.eval_every=0", "train.checkpoint_every=0", "data.source=jsonl", f"data.train_path={ROWS}",
               "data.eval_fraction=0.05", "data.max_length=128", "eval.n_generate=0", *student]
-    local = ["teacher.kind=local", f"teacher.model.path={args.teacher}", f"teacher.model.dtype={args.teacher_dtype}"]
+    local = local_teacher(args)
     chunked = ["method.chunked=true"] if variant.endswith("-chunked") else []
     base = variant.removesuffix("-chunked")
     if base == "sft":
@@ -147,7 +152,7 @@ def _build_cache(args: argparse.Namespace, work: Path, cache: Path) -> None:
     """The teacher's top-64 cache of the bench rows (a subprocess, like the variants; not timed)."""
     overrides = config_overrides(args, "cache", work / "cache_build", cache)
     overrides = [o for o in overrides if not o.startswith(("teacher.kind=", "method."))]
-    overrides += ["teacher.kind=local", f"teacher.model.path={args.teacher}", f"teacher.model.dtype={args.teacher_dtype}"]
+    overrides += local_teacher(args)
     code = ("import sys; from lmdistill.methods import load_config; from lmdistill.cache_teacher import build_cache; "
             "build_cache(load_config(None, sys.argv[1:]))")
     out = subprocess.run([sys.executable, "-c", code, *overrides], capture_output=True, text=True)
