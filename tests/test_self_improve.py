@@ -285,7 +285,8 @@ def test_the_round_survives_a_checkpoint_and_another_process_layout(sums, tmp_pa
 
 
 class _ScoringTeacher(Teacher):
-    """A text-only teacher that answers a pointwise request with `reply(response)`; records the requests."""
+    """A text-only teacher that answers a pointwise request with `reply(prompt, response)`, the two read back from
+    the request; records the requests."""
 
     capability = Capability.TEXT
 
@@ -295,14 +296,15 @@ class _ScoringTeacher(Teacher):
     def generate(self, prompts, *, max_new_tokens, do_sample=False, temperature=1.0, top_p=1.0, system_prompt=None,
                  seed=None):
         self.asked += list(prompts)
-        return [self.reply(p.split("Response:\n")[1].split("\n\nReply")[0]) for p in prompts]
+        return [self.reply(p.split("Instruction:\n")[1].split("\n\nResponse:")[0],
+                           p.split("Response:\n")[1].split("\n\nReply")[0]) for p in prompts]
 
 
 def test_the_judge_verifier_keeps_what_the_teacher_scores_at_the_threshold():
     """Finished samples are asked (unfinished ones are rejected unasked); a score >= the threshold keeps, an
     unparsed answer or a lower score rejects; the request is elicit judge's pointwise one."""
     replies = {"49": "Score: 9", "48": "Score: 7", "40": "Score: 6", "47": "I cannot judge this."}
-    teacher = _ScoringTeacher(lambda response: replies[response])
+    teacher = _ScoringTeacher(lambda prompt, response: replies[response])
     verifier = JudgeVerifier(teacher, 7.0)
     samples = [Sample("47+2=", r, "49", finished=r != "40") for r in ("49", "48", "40", "47")]
     assert verifier.accept(samples) == [True, True, False, False]
@@ -316,14 +318,11 @@ def test_a_judge_that_scores_right_sums_high_trains_as_the_answer_verifier(sums,
     """2 steps with the judge as verifier, its teacher scoring 9 a sample that is the prompt's sum and 2 any
     other: the same accept rates, losses and weights as the exact-answer verifier (the judge draws no random
     numbers, so both runs sample the same answers)."""
-    def score(request: str) -> str:
-        prompt = request.split("Instruction:\n")[1].split("\n\nResponse:")[0]
+    def score(prompt: str, response: str) -> str:
         a, b = (int(x) for x in prompt.strip().rstrip("=").split("+"))
-        response = request.split("Response:\n")[1].split("\n\nReply")[0]
         return "Score: 9" if response.strip() == str(a + b) else "Score: 2"
 
-    teacher = _ScoringTeacher(lambda response: "")
-    teacher.generate = lambda prompts, **kw: (teacher.asked.extend(prompts), [score(p) for p in prompts])[1]
+    teacher = _ScoringTeacher(score)
     monkeypatch.setitem(VERIFIERS, "judge", VerifierSpec(lambda cfg, ctx: JudgeVerifier(teacher, cfg.judge_threshold)))
     runs = {}
     for verifier in ("answer", "judge"):
