@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import contextlib
+
 import pytest
 import torch
 from transformers import LogitsProcessor, LogitsProcessorList
 
 from lmdistill.config import ModelConfig
-from lmdistill.generation import InverseCDFSampler, decode_speed, generate_timed, sample_ids, sampling_processors
+from lmdistill import generation
+from lmdistill.generation import DECODE_HEAD_ROWS, DecodeHead, InverseCDFSampler, decode_speed, generate_timed, sample_ids, sampling_processors
 from lmdistill.models import load_model, load_tokenizer
 
 CHAR = ModelConfig(tokenizer="char", n_layer=2, n_embd=32, n_head=2, max_position=128)
@@ -187,3 +190,52 @@ def test_sampled_first_tokens_follow_the_model(model_and_tokenizer):
     probs = torch.cat([p[top], 1 - p[top].sum(0, keepdim=True)])
     counts = torch.stack([(first == t).sum() for t in top] + [(~torch.isin(first, top)).sum()]).double()
     assert chi_square(counts, probs) < CHI2_999[4]
+
+
+@pytest.mark.parametrize("rows", [1, 3, DECODE_HEAD_ROWS, DECODE_HEAD_ROWS + 1, 40])
+@pytest.mark.parametrize("bias", [False, True])
+def test_the_decode_head_equals_the_linear_head_in_value_and_shape(rows, bias):
+    """W·hᵀ for few rows and the head's own product for many: the same logits to float summation order, on
+    the same weight (not a copy)."""
+    torch.manual_seed(0)
+    head = torch.nn.Linear(48, 1000, bias=bias)
+    fast = DecodeHead(head)
+    hidden = torch.randn(rows, 1, 48)
+    with torch.no_grad():
+        out = fast(hidden)
+        assert out.shape == (rows, 1, 1000) and out.is_contiguous()
+        torch.testing.assert_close(out, head(hidden), rtol=1e-5, atol=1e-5)
+        assert fast.head.weight is head.weight
+
+
+def test_decoding_swaps_the_head_in_and_back_even_on_error(model_and_tokenizer, monkeypatch):
+    """sample_ids decodes through a DecodeHead around the model's own head and puts the head back, also
+    when generation fails; the tokens are those of the plain head."""
+    model, tok = model_and_tokenizer
+    head = model.get_output_embeddings()
+    prompts = [_ids(tok, "What is 3 + 4?"), _ids(tok, "Hi")]
+    seen = []
+    real_generate = type(model).generate
+
+    def spy(self, *args, **kwargs):
+        seen.append(type(self.get_output_embeddings()))
+        return real_generate(self, *args, **kwargs)
+
+    monkeypatch.setattr(type(model), "generate", spy)
+    torch.manual_seed(3)
+    fast = sample_ids(model, prompts, pad_id=tok.pad_token_id, eos_id=tok.eos_token_id, max_new_tokens=10)
+    assert seen == [DecodeHead] and model.get_output_embeddings() is head
+
+    with monkeypatch.context() as m:
+        m.setattr(generation, "decode_head", lambda model: contextlib.nullcontext())
+        torch.manual_seed(3)
+        plain = sample_ids(model, prompts, pad_id=tok.pad_token_id, eos_id=tok.eos_token_id, max_new_tokens=10)
+    assert seen[-1] is torch.nn.Linear and fast == plain
+
+    def fail(self, *args, **kwargs):
+        raise RuntimeError("out of memory")
+
+    monkeypatch.setattr(type(model), "generate", fail)
+    with pytest.raises(RuntimeError, match="out of memory"):
+        sample_ids(model, prompts, pad_id=tok.pad_token_id, eos_id=tok.eos_token_id, max_new_tokens=10)
+    assert model.get_output_embeddings() is head
