@@ -30,7 +30,7 @@ def reset_peak_on(device) -> int:
     if device.type == "cuda":
         import torch
 
-        torch.cuda.synchronize(device)
+        sync(device)
         torch.cuda.reset_peak_memory_stats(device)
         return torch.cuda.memory_allocated(device)
     return reset_peak() * 1024
@@ -41,7 +41,7 @@ def peak_on(device) -> int:
     if device.type == "cuda":
         import torch
 
-        torch.cuda.synchronize(device)
+        sync(device)
         return torch.cuda.max_memory_allocated(device)
     return status_kib("VmHWM") * 1024
 

